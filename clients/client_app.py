@@ -1,0 +1,85 @@
+"""The fedpriv ClientApp (Flower message API).
+
+Every message rebuilds nothing expensive: the experiment, the dataset and the
+partition are cached per process (one Ray actor or one ``flwr-clientapp``
+process), keyed by the run config.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import torch
+from flwr.app import ArrayRecord, Context, Error, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+
+from fedpriv.experiment import client_examples, experiment_from_run_config
+from fedpriv.training import evaluate as evaluate_model
+
+logger = logging.getLogger(__name__)
+
+# Error codes of replies that carry no result (the server counts them as rejected).
+DATA_ERROR = 101
+TRAIN_ERROR = 102
+
+app = ClientApp()
+
+
+def _node_partition(context: Context) -> tuple[int, int]:
+    return int(context.node_config["partition-id"]), int(context.node_config["num-partitions"])
+
+
+def _round_seed(*, seed: int, server_round: int, partition_id: int) -> int:
+    # Distinct, reproducible streams per (run seed, round, client).
+    return int(np.random.SeedSequence([seed, server_round, partition_id]).generate_state(1)[0])
+
+
+def _error_reply(msg: Message, *, code: int, reason: str) -> Message:
+    logger.error("client reply error %d: %s", code, reason)
+    return Message(error=Error(code=code, reason=reason), reply_to=msg)
+
+
+def _prepare(msg: Message, context: Context):
+    """Rebuild the experiment, this node's data and the global model from ``msg``."""
+    experiment = experiment_from_run_config(context.run_config)
+    partition_id, num_partitions = _node_partition(context)
+    x, y = client_examples(experiment, partition_id=partition_id, num_partitions=num_partitions)
+    model = experiment.build_model()
+    model.load_state_dict(msg.content["arrays"].to_torch_state_dict())
+    return experiment, partition_id, model, x, y
+
+
+@app.train()
+def train(msg: Message, context: Context) -> Message:
+    """Train the received global model on this node's partition for one round."""
+    # One simulated client per core: intra-op threads would only contend.
+    torch.set_num_threads(1)
+    try:
+        experiment, partition_id, model, x, y = _prepare(msg, context)
+    except (OSError, ValueError) as exc:
+        return _error_reply(msg, code=DATA_ERROR, reason=f"client data could not be loaded: {exc}")
+    server_round = int(msg.content["config"]["server-round"])
+    seed = _round_seed(seed=experiment.settings.seed, server_round=server_round, partition_id=partition_id)
+    try:
+        outcome = experiment.client.fit(model, x, y, seed=seed, state=context.state)
+    except (RuntimeError, ValueError) as exc:
+        return _error_reply(msg, code=TRAIN_ERROR, reason=f"local training failed: {exc}")
+    metrics = {"num-examples": outcome.num_examples, "train_loss": outcome.loss, **outcome.metrics}
+    content = RecordDict(
+        {"arrays": ArrayRecord(model.state_dict()), "metrics": MetricRecord(metrics)}
+    )
+    return Message(content=content, reply_to=msg)
+
+
+@app.evaluate()
+def evaluate(msg: Message, context: Context) -> Message:
+    """Evaluate the received global model on this node's partition."""
+    torch.set_num_threads(1)
+    try:
+        _, _, model, x, y = _prepare(msg, context)
+    except (OSError, ValueError) as exc:
+        return _error_reply(msg, code=DATA_ERROR, reason=f"client data could not be loaded: {exc}")
+    loss, accuracy = evaluate_model(model, x, y)
+    metrics = {"num-examples": len(y), "eval_loss": loss, "eval_accuracy": accuracy}
+    return Message(content=RecordDict({"metrics": MetricRecord(metrics)}), reply_to=msg)

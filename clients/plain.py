@@ -1,0 +1,100 @@
+"""Non-private local training: plain PyTorch mini-batch SGD or Adam."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from fedpriv.training import OPTIMIZERS, make_optimizer, train_epochs
+
+
+@dataclass(frozen=True)
+class TrainOutcome:
+    """What one round of local training produced.
+
+    Attributes
+    ----------
+    loss : float
+        Mean training loss of the round.
+    num_examples : int
+        Number of local training examples (the client's FedAvg weight).
+    metrics : dict[str, float]
+        Further metrics to reply with (e.g. privacy spent).
+    """
+
+    loss: float
+    num_examples: int
+    metrics: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class PlainTraining:
+    """Local training without privacy (``client=plain``).
+
+    Parameters
+    ----------
+    local_epochs : int
+        Passes over the local data per round.
+    batch_size : int
+        Mini-batch size.
+    optimizer : str
+        ``sgd`` or ``adam``.
+    lr : float
+        Learning rate.
+    momentum : float
+        SGD momentum (ignored by Adam).
+    weight_decay : float
+        L2 penalty.
+    """
+
+    local_epochs: int = 5
+    batch_size: int = 16
+    optimizer: str = "sgd"
+    lr: float = 0.05
+    momentum: float = 0.9
+    weight_decay: float = 0.0
+
+    def __post_init__(self) -> None:
+        """Validate the settings."""
+        if self.local_epochs < 1:
+            raise ValueError(f"client.local_epochs={self.local_epochs}: must be >= 1")
+        if self.batch_size < 1:
+            raise ValueError(f"client.batch_size={self.batch_size}: must be >= 1")
+        if self.optimizer not in OPTIMIZERS:
+            raise ValueError(f"client.optimizer={self.optimizer!r}: must be one of {list(OPTIMIZERS)}")
+        if not (math.isfinite(self.lr) and self.lr > 0):
+            raise ValueError(f"client.lr={self.lr}: must be > 0")
+        if not (0 <= self.momentum < 1):
+            raise ValueError(f"client.momentum={self.momentum}: must be in [0, 1)")
+        if not (math.isfinite(self.weight_decay) and self.weight_decay >= 0):
+            raise ValueError(f"client.weight_decay={self.weight_decay}: must be >= 0")
+
+    def fit(
+        self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, seed: int, state=None
+    ) -> TrainOutcome:
+        """Train ``model`` in place on ``(x, y)`` for one round.
+
+        ``state`` is the node's persistent ``RecordDict``; plain training keeps
+        nothing in it.
+        """
+        generator = torch.Generator().manual_seed(seed)
+        optimizer = make_optimizer(
+            self.optimizer,
+            model.parameters(),
+            lr=self.lr,
+            momentum=self.momentum,
+            weight_decay=self.weight_decay,
+        )
+        loss = train_epochs(
+            model,
+            x,
+            y,
+            optimizer=optimizer,
+            epochs=self.local_epochs,
+            batch_size=self.batch_size,
+            generator=generator,
+        )
+        return TrainOutcome(loss=loss, num_examples=len(y))

@@ -1,0 +1,1 @@
+"""fedpriv: private federated learning on Flower and PyTorch."""

@@ -1,0 +1,172 @@
+"""One experiment, rebuilt the same way by ``scripts/run.py``, the ServerApp and the ClientApp.
+
+The nested config (Hydra's, or :func:`fedpriv.run_config.unflatten` of a Flower
+``run_config``) names one ``_target_`` per group. :func:`load_experiment` builds
+the cheap, side-effect-free parts (run settings, dataset, partitioner, model
+factory, client training) and validates them; the strategy is built only by the
+ServerApp, from ``Experiment.strategy_config``.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from fedpriv.run_config import ConfigError, Scalar, build_component, unflatten
+
+GROUPS = ("strategy", "client", "model", "dataset", "partition")
+
+
+@dataclass(frozen=True)
+class RunSettings:
+    """Top-level settings of a run.
+
+    Parameters
+    ----------
+    num_clients : int
+        Number of clients (SuperNodes); each holds one partition.
+    num_rounds : int
+        Number of federated rounds.
+    seed : int
+        Seed for splits, partitions, sampling and training.
+    output_dir : str
+        Folder for results; empty means ``fedpriv-runs/<run id>`` under the
+        working directory of the ServerApp.
+    round_timeout : float
+        Seconds the server waits for replies in a round.
+    """
+
+    num_clients: int
+    num_rounds: int
+    seed: int = 0
+    output_dir: str = ""
+    round_timeout: float = 600.0
+
+    def __post_init__(self) -> None:
+        """Validate the settings."""
+        for key in ("num_clients", "num_rounds", "seed"):
+            value = getattr(self, key)
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise ConfigError(f"{key}={value!r}: must be an integer")
+        if self.num_clients < 1:
+            raise ConfigError(f"num_clients={self.num_clients}: must be >= 1")
+        if self.num_rounds < 1:
+            raise ConfigError(f"num_rounds={self.num_rounds}: must be >= 1")
+        if not (math.isfinite(self.round_timeout) and self.round_timeout > 0):
+            raise ConfigError(f"round_timeout={self.round_timeout}: must be > 0")
+
+
+@dataclass(frozen=True)
+class Experiment:
+    """Everything a run is built from, validated.
+
+    Attributes
+    ----------
+    settings : RunSettings
+        Top-level settings.
+    dataset : Any
+        A dataset definition from :mod:`fedpriv.datasets`.
+    partition : Any
+        A partitioner from :mod:`fedpriv.partition`.
+    model_factory : Callable[..., nn.Module]
+        Builds a fresh model given ``input_shape`` and ``num_classes``.
+    client : Any
+        The client's training procedure (from :mod:`clients`).
+    strategy_config : Mapping[str, Any]
+        The strategy's ``_target_`` node, built by the ServerApp.
+    config : Mapping[str, Any]
+        The whole nested config, as recorded in ``results.json``.
+    """
+
+    settings: RunSettings
+    dataset: Any
+    partition: Any
+    model_factory: Callable[..., nn.Module]
+    client: Any
+    strategy_config: Mapping[str, Any]
+    config: Mapping[str, Any]
+
+    def build_model(self) -> nn.Module:
+        """Build a freshly initialised model for this experiment's dataset."""
+        try:
+            return self.model_factory(
+                input_shape=self.dataset.input_shape, num_classes=self.dataset.num_classes
+            )
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from exc
+        except TypeError as exc:
+            raise ConfigError(f"model: {exc}") from exc
+
+
+def load_experiment(config: Mapping[str, Any]) -> Experiment:
+    """Build and validate an experiment from its nested config.
+
+    Raises
+    ------
+    ConfigError
+        Naming the first invalid key and its value.
+    """
+    missing = [group for group in GROUPS if group not in config]
+    if missing:
+        raise ConfigError(f"{missing[0]}: config group missing")
+    top = {k: v for k, v in config.items() if k not in GROUPS and k != "mode"}
+    try:
+        settings = RunSettings(**top)
+    except TypeError as exc:
+        raise ConfigError(f"top-level config: {exc}") from exc
+    experiment = Experiment(
+        settings=settings,
+        dataset=build_component(config["dataset"], key="dataset"),
+        partition=build_component(config["partition"], key="partition"),
+        model_factory=build_component(config["model"], key="model"),
+        client=build_component(config["client"], key="client"),
+        strategy_config=config["strategy"],
+        config=config,
+    )
+    return experiment
+
+
+@functools.lru_cache(maxsize=4)
+def _cached_experiment(items: tuple[tuple[str, Scalar], ...]) -> Experiment:
+    return load_experiment(unflatten(dict(items)))
+
+
+def experiment_from_run_config(run_config: Mapping[str, Scalar]) -> Experiment:
+    """Rebuild the experiment from a Flower ``run_config``, cached per process.
+
+    Simulated clients in one Ray actor share the cache, so datasets and
+    partitions are built once per actor rather than once per message.
+    """
+    return _cached_experiment(tuple(sorted(run_config.items())))
+
+
+@functools.lru_cache(maxsize=8)
+def _partitioning(dataset: Any, partition: Any, num_partitions: int, seed: int):
+    labels = dataset.load().train_y.numpy()
+    return partition.split(labels, num_partitions=num_partitions, seed=seed)
+
+
+def client_examples(
+    experiment: Experiment, *, partition_id: int, num_partitions: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Return the training examples held by client ``partition_id``.
+
+    Raises
+    ------
+    ValueError
+        If the partition id is out of range or the partitioning is impossible.
+    """
+    if not 0 <= partition_id < num_partitions:
+        raise ValueError(f"partition-id={partition_id}: must be in [0, {num_partitions})")
+    splits = experiment.dataset.load()
+    partitioning = _partitioning(
+        experiment.dataset, experiment.partition, num_partitions, experiment.settings.seed
+    )
+    index = torch.as_tensor(partitioning.indices[partition_id], dtype=torch.long)
+    return splits.train_x[index], splits.train_y[index]

@@ -1,0 +1,196 @@
+"""Models that Opacus accepts as they are: no BatchNorm, GroupNorm where needed.
+
+Each class is the ``_target_`` of a ``conf/model/*.yaml`` node with
+``_partial_: true``: the config fixes the hyperparameters, and the app supplies
+``input_shape`` and ``num_classes`` from the dataset when it builds the model.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+
+def _check_positive_ints(key: str, values: Sequence[int]) -> tuple[int, ...]:
+    values = tuple(values)
+    if not values or any(isinstance(v, bool) or not isinstance(v, int) or v < 1 for v in values):
+        raise ValueError(f"model.{key}={list(values)}: must be a non-empty list of positive integers")
+    return values
+
+
+def _check_classes(num_classes: int) -> None:
+    if num_classes < 2:
+        raise ValueError(f"num_classes={num_classes}: a classifier needs at least 2 classes")
+
+
+def _check_image_shape(model: str, input_shape: Sequence[int], *, side: int) -> int:
+    shape = tuple(input_shape)
+    if len(shape) != 3 or shape[1:] != (side, side):
+        raise ValueError(
+            f"model={model}: expects images of shape (channels, {side}, {side}); "
+            f"the dataset gives {shape}"
+        )
+    return shape[0]
+
+
+class LogisticRegression(nn.Module):
+    """Multinomial logistic regression over the flattened input.
+
+    Parameters
+    ----------
+    input_shape : Sequence[int]
+        Shape of one example (flattened internally).
+    num_classes : int
+        Number of output classes.
+    """
+
+    def __init__(self, *, input_shape: Sequence[int], num_classes: int) -> None:
+        super().__init__()
+        _check_classes(num_classes)
+        self.flatten = nn.Flatten()
+        self.linear = nn.Linear(math.prod(input_shape), num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Return class logits."""
+        return self.linear(self.flatten(x))
+
+
+class MLP(nn.Module):
+    """Fully connected network with ReLU activations over the flattened input.
+
+    Parameters
+    ----------
+    input_shape : Sequence[int]
+        Shape of one example (flattened internally).
+    num_classes : int
+        Number of output classes.
+    hidden_sizes : Sequence[int]
+        Width of each hidden layer.
+    """
+
+    def __init__(
+        self,
+        *,
+        input_shape: Sequence[int],
+        num_classes: int,
+        hidden_sizes: Sequence[int] = (128,),
+    ) -> None:
+        super().__init__()
+        _check_classes(num_classes)
+        widths = (math.prod(input_shape), *_check_positive_ints("hidden_sizes", hidden_sizes))
+        layers: list[nn.Module] = [nn.Flatten()]
+        for fan_in, fan_out in zip(widths[:-1], widths[1:], strict=True):
+            layers += [nn.Linear(fan_in, fan_out), nn.ReLU()]
+        layers.append(nn.Linear(widths[-1], num_classes))
+        self.net = nn.Sequential(*layers)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Return class logits."""
+        return self.net(x)
+
+
+def _conv_block(in_channels: int, out_channels: int, *, groups: int) -> nn.Sequential:
+    # GroupNorm instead of BatchNorm: per-example gradients stay independent (Opacus).
+    return nn.Sequential(
+        nn.Conv2d(in_channels, out_channels, kernel_size=3, padding=1),
+        nn.GroupNorm(min(groups, out_channels), out_channels),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+    )
+
+
+class _ImageCNN(nn.Module):
+    side: int = 0
+    name: str = ""
+
+    def __init__(
+        self,
+        *,
+        input_shape: Sequence[int],
+        num_classes: int,
+        channels: Sequence[int],
+        groups: int,
+    ) -> None:
+        super().__init__()
+        _check_classes(num_classes)
+        in_channels = _check_image_shape(self.name, input_shape, side=self.side)
+        widths = (in_channels, *_check_positive_ints("channels", channels))
+        if self.side % (2 ** (len(widths) - 1)):
+            raise ValueError(f"model.channels={list(channels)}: too many pooling stages for {self.side}x{self.side} inputs")
+        if groups < 1:
+            raise ValueError(f"model.groups={groups}: must be >= 1")
+        self.features = nn.Sequential(
+            *(
+                _conv_block(c_in, c_out, groups=groups)
+                for c_in, c_out in zip(widths[:-1], widths[1:], strict=True)
+            )
+        )
+        final_side = self.side // 2 ** (len(widths) - 1)
+        self.classifier = nn.Sequential(
+            nn.Flatten(), nn.Linear(widths[-1] * final_side * final_side, num_classes)
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Return class logits."""
+        return self.classifier(self.features(x))
+
+
+class CNN28(_ImageCNN):
+    """Small CNN for 28x28 images (MNIST, Fashion-MNIST).
+
+    Parameters
+    ----------
+    input_shape : Sequence[int]
+        ``(channels, 28, 28)``.
+    num_classes : int
+        Number of output classes.
+    channels : Sequence[int]
+        Output channels of each conv/GroupNorm/ReLU/max-pool stage.
+    groups : int
+        GroupNorm groups per stage.
+    """
+
+    side = 28
+    name = "cnn28"
+
+    def __init__(
+        self,
+        *,
+        input_shape: Sequence[int],
+        num_classes: int,
+        channels: Sequence[int] = (16, 32),
+        groups: int = 4,
+    ) -> None:
+        super().__init__(input_shape=input_shape, num_classes=num_classes, channels=channels, groups=groups)
+
+
+class CNN32(_ImageCNN):
+    """CNN for 32x32 colour images (CIFAR-10).
+
+    Parameters
+    ----------
+    input_shape : Sequence[int]
+        ``(channels, 32, 32)``.
+    num_classes : int
+        Number of output classes.
+    channels : Sequence[int]
+        Output channels of each conv/GroupNorm/ReLU/max-pool stage.
+    groups : int
+        GroupNorm groups per stage.
+    """
+
+    side = 32
+    name = "cnn32"
+
+    def __init__(
+        self,
+        *,
+        input_shape: Sequence[int],
+        num_classes: int,
+        channels: Sequence[int] = (32, 64, 64),
+        groups: int = 8,
+    ) -> None:
+        super().__init__(input_shape=input_shape, num_classes=num_classes, channels=channels, groups=groups)

@@ -1,0 +1,299 @@
+"""Partitioning the clients' training pool among clients: IID, Dirichlet, pathological.
+
+Each partitioner is a frozen dataclass built by Hydra (``_target_`` plus fields) whose
+``split`` hands the labels to the matching flwr-datasets partitioner and returns
+plain index arrays.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import numbers
+import warnings
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+if TYPE_CHECKING:
+    import datasets
+    from flwr_datasets.partitioner import Partitioner
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, eq=False)
+class Partitioning:
+    """Which training examples each client holds.
+
+    Attributes
+    ----------
+    indices : tuple[np.ndarray, ...]
+        One sorted int64 array of training-example indices per client; disjoint.
+    dropped : np.ndarray
+        Sorted int64 indices of the training examples no client holds (empty except
+        for ``Pathological``).
+    """
+
+    indices: tuple[np.ndarray, ...]
+    dropped: np.ndarray
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def _check_request(labels: np.ndarray, *, num_partitions: int, seed: int) -> np.ndarray:
+    """Validate the arguments common to every ``split`` and return labels as an array."""
+    labels = np.asarray(labels)
+    if labels.ndim != 1:
+        raise ValueError(f"labels: must be one-dimensional, got shape {labels.shape}")
+    if not (_is_int(num_partitions) and num_partitions >= 1):
+        raise ValueError(f"num_clients={num_partitions}: must be an integer >= 1")
+    if num_partitions > labels.size:
+        raise ValueError(
+            f"num_clients={num_partitions}: more clients than training examples "
+            f"({labels.size})"
+        )
+    if not (_is_int(seed) and seed >= 0):
+        raise ValueError(f"seed={seed}: must be an integer >= 0")
+    return labels
+
+
+def _label_dataset(labels: np.ndarray) -> datasets.Dataset:
+    """In-memory Hugging Face dataset of labels plus each example's original index."""
+    import datasets  # slow to import, so only when partitioning
+
+    return datasets.Dataset.from_dict({"label": labels, "idx": np.arange(labels.size)})
+
+
+def _partition_indices(
+    partitioner: Partitioner, *, num_partitions: int
+) -> tuple[np.ndarray, ...]:
+    return tuple(
+        np.sort(np.asarray(partitioner.load_partition(pid)["idx"], dtype=np.int64))
+        for pid in range(num_partitions)
+    )
+
+
+@dataclass(frozen=True)
+class IID:
+    """Uniformly random partition into near-equal parts (sizes differ by at most 1)."""
+
+    def split(self, labels: np.ndarray, *, num_partitions: int, seed: int) -> Partitioning:
+        """Give every training example to exactly one client, uniformly at random.
+
+        Parameters
+        ----------
+        labels : np.ndarray
+            One-dimensional class labels of the training pool.
+        num_partitions : int
+            Number of clients.
+        seed : int
+            Seed of the shuffle; equal seeds give equal partitionings.
+
+        Returns
+        -------
+        Partitioning
+            The clients' indices; nothing is dropped.
+        """
+        labels = _check_request(labels, num_partitions=num_partitions, seed=seed)
+        from flwr_datasets.partitioner import IidPartitioner
+
+        partitioner = IidPartitioner(num_partitions=int(num_partitions))
+        # IidPartitioner cuts contiguous shards and takes no seed: shuffle first.
+        partitioner.dataset = _label_dataset(labels).shuffle(seed=int(seed))
+        return Partitioning(
+            indices=_partition_indices(partitioner, num_partitions=int(num_partitions)),
+            dropped=np.empty(0, dtype=np.int64),
+        )
+
+
+@dataclass(frozen=True)
+class Dirichlet:
+    """Label skew: each class is spread over clients by a Dirichlet(alpha) draw.
+
+    Parameters
+    ----------
+    alpha : float
+        Concentration, > 0; small values give each client few classes, large values
+        approach IID.
+    min_partition_size : int
+        Every client gets at least this many examples (>= 1); draws are repeated until
+        this holds, a bounded number of times.
+    """
+
+    alpha: float = 0.5
+    min_partition_size: int = 1
+
+    def __post_init__(self) -> None:
+        if not (
+            isinstance(self.alpha, numbers.Real)
+            and not isinstance(self.alpha, bool)
+            and math.isfinite(self.alpha)
+            and self.alpha > 0
+        ):
+            raise ValueError(f"partition.alpha={self.alpha}: must be > 0 and finite")
+        if not (_is_int(self.min_partition_size) and self.min_partition_size >= 1):
+            raise ValueError(
+                f"partition.min_partition_size={self.min_partition_size}: "
+                "must be an integer >= 1"
+            )
+
+    def split(self, labels: np.ndarray, *, num_partitions: int, seed: int) -> Partitioning:
+        """Give every training example to exactly one client, skewed by label.
+
+        Parameters
+        ----------
+        labels : np.ndarray
+            One-dimensional class labels of the training pool.
+        num_partitions : int
+            Number of clients.
+        seed : int
+            Seed of the Dirichlet draws; equal seeds give equal partitionings.
+
+        Returns
+        -------
+        Partitioning
+            The clients' indices; nothing is dropped.
+
+        Raises
+        ------
+        ValueError
+            If no draw gives every client ``min_partition_size`` examples.
+        """
+        labels = _check_request(labels, num_partitions=num_partitions, seed=seed)
+        num_partitions = int(num_partitions)
+        if num_partitions * self.min_partition_size > labels.size:
+            raise ValueError(
+                f"partition.min_partition_size={self.min_partition_size}: "
+                f"{num_partitions} clients need at least "
+                f"{num_partitions * self.min_partition_size} training examples, "
+                f"there are {labels.size}"
+            )
+        from flwr_datasets.partitioner import DirichletPartitioner
+
+        partitioner = DirichletPartitioner(
+            num_partitions=num_partitions,
+            partition_by="label",
+            alpha=float(self.alpha),
+            min_partition_size=self.min_partition_size,
+            self_balancing=False,
+            shuffle=False,
+            seed=int(seed),
+        )
+        partitioner.dataset = _label_dataset(labels)
+        with warnings.catch_warnings():
+            # flwr-datasets warns on every rejected draw; only the outcome matters.
+            warnings.filterwarnings("ignore", message="The specified min_partition_size")
+            try:
+                indices = _partition_indices(partitioner, num_partitions=num_partitions)
+            except ValueError as err:
+                raise ValueError(
+                    f"partition.alpha={self.alpha}, partition.min_partition_size="
+                    f"{self.min_partition_size}: flwr-datasets' repeated Dirichlet "
+                    f"draws never gave each of the {num_partitions} clients at least "
+                    f"{self.min_partition_size} of the {labels.size} training examples; "
+                    "raise partition.alpha or lower partition.min_partition_size or "
+                    "num_clients"
+                ) from err
+        return Partitioning(indices=indices, dropped=np.empty(0, dtype=np.int64))
+
+
+@dataclass(frozen=True)
+class Pathological:
+    """Each client holds examples of exactly ``classes_per_client`` classes.
+
+    Client ``i`` gets class ``i mod C`` plus random others (flwr-datasets'
+    "first-deterministic" assignment, as in Li et al. 2021), and each class is
+    split evenly among the clients that have it. With fewer clients than classes some
+    classes may go to no client: their examples are reported in
+    ``Partitioning.dropped`` and logged as a warning.
+
+    Parameters
+    ----------
+    classes_per_client : int
+        Number of classes per client, between 1 and the number of classes.
+    """
+
+    classes_per_client: int = 2
+
+    def __post_init__(self) -> None:
+        if not (_is_int(self.classes_per_client) and self.classes_per_client >= 1):
+            raise ValueError(
+                f"partition.classes_per_client={self.classes_per_client}: "
+                "must be an integer >= 1"
+            )
+
+    def split(self, labels: np.ndarray, *, num_partitions: int, seed: int) -> Partitioning:
+        """Give each client the examples of a few classes.
+
+        Parameters
+        ----------
+        labels : np.ndarray
+            One-dimensional class labels of the training pool.
+        num_partitions : int
+            Number of clients.
+        seed : int
+            Seed of the class assignment; equal seeds give equal partitionings.
+
+        Returns
+        -------
+        Partitioning
+            The clients' indices and the examples of classes no client was given.
+
+        Raises
+        ------
+        ValueError
+            If ``classes_per_client`` exceeds the number of classes, or a class has
+            fewer examples than clients assigned to it.
+        """
+        labels = _check_request(labels, num_partitions=num_partitions, seed=seed)
+        num_partitions = int(num_partitions)
+        num_classes = np.unique(labels).size
+        if self.classes_per_client > num_classes:
+            raise ValueError(
+                f"partition.classes_per_client={self.classes_per_client}: more than "
+                f"the {num_classes} classes in the training labels"
+            )
+        from flwr_datasets.partitioner import PathologicalPartitioner
+
+        partitioner = PathologicalPartitioner(
+            num_partitions=num_partitions,
+            partition_by="label",
+            num_classes_per_partition=int(self.classes_per_client),
+            class_assignment_mode="first-deterministic",
+            shuffle=False,
+            seed=int(seed),
+        )
+        partitioner.dataset = _label_dataset(labels)
+        with warnings.catch_warnings():
+            # Unused classes are reported through `dropped` and the log below; the
+            # flwr-datasets warning also suggests a parameter that no longer exists.
+            warnings.filterwarnings("ignore", message="Classes: .* will NOT be used")
+            try:
+                indices = _partition_indices(partitioner, num_partitions=num_partitions)
+            except ValueError as err:
+                raise ValueError(
+                    f"partition.classes_per_client={self.classes_per_client}, "
+                    f"num_clients={num_partitions}: a class was assigned to more "
+                    "clients than it has training examples; lower num_clients or "
+                    "partition.classes_per_client"
+                ) from err
+        held = np.zeros(labels.size, dtype=bool)
+        held[np.concatenate(indices)] = True
+        dropped = np.flatnonzero(~held)
+        if dropped.size:
+            logger.warning(
+                "Pathological partition: %d of %d training examples (classes %s) are "
+                "held by no client; %d clients x %d classes per client do not cover "
+                "all %d classes",
+                dropped.size,
+                labels.size,
+                np.unique(labels[dropped]).tolist(),
+                num_partitions,
+                self.classes_per_client,
+                num_classes,
+            )
+        return Partitioning(indices=indices, dropped=dropped)

@@ -1,0 +1,61 @@
+"""PNG plots of a run's per-round metrics (accuracy, loss, epsilon)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402  (the backend must be chosen first)
+
+
+def _series(rows: Sequence[dict[str, Any]], key: str) -> tuple[list[int], list[float]]:
+    points = [(row["round"], row[key]) for row in rows if row.get(key) is not None]
+    return [p[0] for p in points], [p[1] for p in points]
+
+
+def _plot(rows, *, keys: dict[str, str], ylabel: str, title: str, path: Path) -> bool:
+    lines = {label: _series(rows, key) for key, label in keys.items()}
+    if not any(xs for xs, _ in lines.values()):
+        return False
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for label, (xs, ys) in lines.items():
+        if xs:
+            ax.plot(xs, ys, marker="o", markersize=3, label=label)
+    ax.set_xlabel("round")
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return True
+
+
+def plot_rounds(rows: Sequence[dict[str, Any]], *, output_dir: Path) -> list[Path]:
+    """Write ``accuracy.png``, ``loss.png`` and, when privacy is on, ``epsilon.png``.
+
+    Returns
+    -------
+    list[Path]
+        The files written.
+    """
+    plots = {
+        "accuracy.png": ({"test_accuracy": "server test accuracy"}, "accuracy", "Global model accuracy"),
+        "loss.png": ({"train_loss": "client train loss", "test_loss": "server test loss"}, "loss", "Loss"),
+        "epsilon.png": (
+            {"epsilon_user": "client-level epsilon", "epsilon_record_max": "record-level epsilon (max client)"},
+            "epsilon spent",
+            "Privacy spent",
+        ),
+    }
+    written = []
+    for name, (keys, ylabel, title) in plots.items():
+        path = Path(output_dir) / name
+        if _plot(rows, keys=keys, ylabel=ylabel, title=title, path=path):
+            written.append(path)
+    return written

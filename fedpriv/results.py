@@ -1,0 +1,148 @@
+"""The results contract: ``results.json``, ``metrics.csv``, plots, checkpoints.
+
+``results.json`` and ``metrics.csv`` are rewritten atomically after every
+round and the global model is checkpointed, so a run that dies keeps every
+completed round. See DESIGN.md section 5 and the README for the fields.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+import time
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+
+SCHEMA = 1
+# Always present in every round row, in this order (null where not applicable).
+ROUND_FIELDS = (
+    "round",
+    "seconds",
+    "num_clients",
+    "num_rejected",
+    "train_loss",
+    "test_loss",
+    "test_accuracy",
+    "epsilon_user",
+    "epsilon_record_max",
+    "clipping_norm",
+    "noise_std",
+)
+STOPPED_REASONS = ("completed", "privacy_budget_exhausted")
+
+
+def _json_value(value: Any) -> Any:
+    # results.json stays strict JSON: no NaN or Infinity.
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+class RunRecorder:
+    """Writes one run's results into its output folder.
+
+    Parameters
+    ----------
+    output_dir : Path
+        The run's folder (created if missing).
+    config : Mapping[str, Any]
+        The resolved nested config, stored in ``results.json``.
+    """
+
+    def __init__(self, output_dir: Path, *, config: Mapping[str, Any]) -> None:
+        self.output_dir = Path(output_dir)
+        self.output_dir.mkdir(parents=True, exist_ok=True)
+        self.config = dict(config)
+        self.rounds: list[dict[str, Any]] = []
+        self.final: dict[str, Any] | None = None
+        self._started = time.perf_counter()
+        self._last_mark = self._started
+
+    @property
+    def results_path(self) -> Path:
+        """Path of ``results.json``."""
+        return self.output_dir / "results.json"
+
+    def start_clock(self) -> None:
+        """Start timing the first round (after set-up and initial evaluation)."""
+        self._last_mark = time.perf_counter()
+
+    def record_round(
+        self, *, server_round: int, metrics: Mapping[str, Any], state_dict: Mapping[str, torch.Tensor]
+    ) -> dict[str, Any]:
+        """Record one finished round, rewrite results and checkpoint the model.
+
+        Returns
+        -------
+        dict[str, Any]
+            The round's row as written.
+        """
+        now = time.perf_counter()
+        row: dict[str, Any] = dict.fromkeys(ROUND_FIELDS)
+        row.update({key: _json_value(value) for key, value in metrics.items()})
+        row["round"] = server_round
+        row["seconds"] = round(now - self._last_mark, 4)
+        self._last_mark = now
+        self.rounds.append(row)
+        torch.save({"round": server_round, "state_dict": dict(state_dict)}, self.output_dir / "checkpoint.pt")
+        self._write()
+        return row
+
+    def finish(
+        self,
+        *,
+        stopped_reason: str,
+        detail: str,
+        final: Mapping[str, Any],
+        state_dict: Mapping[str, torch.Tensor],
+    ) -> dict[str, Any]:
+        """Write the final model, the ``final`` section and the plots.
+
+        Returns
+        -------
+        dict[str, Any]
+            The whole ``results.json`` document.
+        """
+        if stopped_reason not in STOPPED_REASONS:
+            raise ValueError(f"stopped_reason={stopped_reason!r}: must be one of {list(STOPPED_REASONS)}")
+        torch.save(dict(state_dict), self.output_dir / "model.pt")
+        self.final = {
+            "rounds_completed": len(self.rounds),
+            "stopped_reason": stopped_reason,
+            "stopped_detail": detail,
+            **{key: _json_value(value) for key, value in final.items()},
+        }
+        document = self._write()
+        from fedpriv.plots import plot_rounds
+
+        plot_rounds(self.rounds, output_dir=self.output_dir)
+        return document
+
+    def _write(self) -> dict[str, Any]:
+        document = {
+            "schema": SCHEMA,
+            "config": self.config,
+            "rounds": self.rounds,
+            "final": self.final,
+            "timing": {"total_seconds": round(time.perf_counter() - self._started, 4)},
+        }
+        _atomic_write(self.results_path, json.dumps(document, indent=2, allow_nan=False) + "\n")
+        columns = list(ROUND_FIELDS) + sorted({k for row in self.rounds for k in row} - set(ROUND_FIELDS))
+        csv_path = self.output_dir / "metrics.csv"
+        with csv_path.with_suffix(".csv.tmp").open("w", newline="") as handle:
+            writer = csv.DictWriter(handle, fieldnames=columns, restval="")
+            writer.writeheader()
+            writer.writerows(self.rounds)
+        os.replace(csv_path.with_suffix(".csv.tmp"), csv_path)
+        return document

@@ -1,0 +1,129 @@
+"""Run an experiment on Flower's simulation runtime, in this process.
+
+This calls the same engine that ``flwr run`` starts inside its simulation
+process (``flwr.simulation.run_simulation._run_simulation`` on the Ray
+backend), with the ServerApp and ClientApp loaded from their component
+strings, exactly as in a deployment. The public ``run_simulation`` wrapper is
+deprecated in Flower 1.42, and ``flwr run`` only accepts run-config keys that
+the app's ``pyproject.toml`` already declares, while a config group (say
+``strategy=dp_fixed``) brings keys of its own. So the composed run config is
+written as the defaults of a staged copy of the app metadata, and both apps
+read it from ``context.run_config`` like any Flower app.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import tomli_w
+
+from fedpriv.run_config import Scalar
+
+SERVER_APP = "strategies.server_app:app"
+CLIENT_APP = "clients.client_app:app"
+BACKENDS = ("ray",)
+
+logger = logging.getLogger(__name__)
+
+
+def stage_app(run_config: dict[str, Scalar], directory: Path) -> Path:
+    """Write a Flower app ``pyproject.toml`` whose run config is ``run_config``.
+
+    Returns
+    -------
+    Path
+        The file written.
+    """
+    document = {
+        "project": {
+            "name": "fedpriv",
+            "version": "0.1.0",
+            "description": "fedpriv staged run",
+            "license": "Apache-2.0",
+        },
+        "tool": {
+            "flwr": {
+                "app": {
+                    "publisher": "fedpriv",
+                    "components": {"serverapp": SERVER_APP, "clientapp": CLIENT_APP},
+                    "config": dict(run_config),
+                }
+            }
+        },
+    }
+    path = Path(directory) / "pyproject.toml"
+    path.write_text(tomli_w.dumps(document))
+    return path
+
+
+@dataclass(frozen=True)
+class SimulationMode:
+    """``mode=simulation``: one simulated SuperNode per client on Ray.
+
+    Parameters
+    ----------
+    backend : str
+        Simulation backend (``ray``).
+    client_num_cpus : float
+        CPUs reserved per simulated client; with 2 cores, 1 runs two clients at
+        a time.
+    client_num_gpus : float
+        GPUs reserved per simulated client.
+    verbose : bool
+        Show Flower's and Ray's debug logs.
+    """
+
+    backend: str = "ray"
+    client_num_cpus: float = 1.0
+    client_num_gpus: float = 0.0
+    verbose: bool = False
+
+    def __post_init__(self) -> None:
+        """Validate the settings."""
+        if self.backend not in BACKENDS:
+            raise ValueError(f"mode.backend={self.backend!r}: must be one of {list(BACKENDS)}")
+        if not (math.isfinite(self.client_num_cpus) and self.client_num_cpus > 0):
+            raise ValueError(f"mode.client_num_cpus={self.client_num_cpus}: must be > 0")
+        if not (math.isfinite(self.client_num_gpus) and self.client_num_gpus >= 0):
+            raise ValueError(f"mode.client_num_gpus={self.client_num_gpus}: must be >= 0")
+
+    def run(self, *, run_config: dict[str, Scalar], num_supernodes: int) -> None:
+        """Run the app with ``run_config`` on ``num_supernodes`` simulated nodes.
+
+        Raises
+        ------
+        RuntimeError
+            When the ServerApp or the simulation runtime failed.
+        """
+        os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+        os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
+        from flwr.app import Context, RecordDict
+        from flwr.supercore.telemetry import EventType
+        from flwr.simulation.run_simulation import _run_simulation
+
+        backend_config = {
+            "client_resources": {"num_cpus": self.client_num_cpus, "num_gpus": self.client_num_gpus},
+            "init_args": {"include_dashboard": False, "log_to_driver": self.verbose},
+        }
+        with tempfile.TemporaryDirectory(prefix="fedpriv-app-") as app_dir:
+            stage_app(run_config, Path(app_dir))
+            context = Context(
+                run_id=0, node_id=0, node_config={}, state=RecordDict(), run_config=dict(run_config)
+            )
+            _run_simulation(
+                num_supernodes=num_supernodes,
+                exit_event=EventType.PYTHON_API_RUN_SIMULATION_LEAVE,
+                backend_name=self.backend,
+                backend_config=backend_config,
+                server_app_attr=SERVER_APP,
+                client_app_attr=CLIENT_APP,
+                server_app_context=context,
+                app_dir=app_dir,
+                is_app=True,
+                verbose_logging=self.verbose,
+            )

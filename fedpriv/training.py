@@ -1,0 +1,73 @@
+"""Plain PyTorch training and evaluation over in-memory tensors.
+
+Batches are slices of tensors already in memory: no ``DataLoader`` and no
+per-item collation, which would dominate the cost of the small models here.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+OPTIMIZERS = ("sgd", "adam")
+
+
+def make_optimizer(
+    name: str, params, *, lr: float, momentum: float = 0.0, weight_decay: float = 0.0
+) -> torch.optim.Optimizer:
+    """Build a ``torch.optim`` optimizer by name (``sgd`` or ``adam``)."""
+    if name == "sgd":
+        return torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay)
+    if name == "adam":
+        return torch.optim.Adam(params, lr=lr, weight_decay=weight_decay)
+    raise ValueError(f"client.optimizer={name!r}: must be one of {list(OPTIMIZERS)}")
+
+
+def train_epochs(
+    model: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    *,
+    optimizer: torch.optim.Optimizer,
+    epochs: int,
+    batch_size: int,
+    generator: torch.Generator,
+) -> float:
+    """Train ``model`` in place with shuffled mini-batches.
+
+    Returns
+    -------
+    float
+        Mean training loss over all examples seen.
+    """
+    model.train()
+    loss_fn = nn.CrossEntropyLoss()
+    total, seen = 0.0, 0
+    for _ in range(epochs):
+        order = torch.randperm(len(y), generator=generator)
+        for start in range(0, len(y), batch_size):
+            batch = order[start : start + batch_size]
+            optimizer.zero_grad(set_to_none=True)
+            loss = loss_fn(model(x[batch]), y[batch])
+            loss.backward()
+            optimizer.step()
+            total += loss.item() * len(batch)
+            seen += len(batch)
+    return total / max(seen, 1)
+
+
+@torch.no_grad()
+def evaluate(
+    model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, batch_size: int = 1024
+) -> tuple[float, float]:
+    """Return mean cross-entropy loss and accuracy of ``model`` on ``(x, y)``."""
+    model.eval()
+    loss_fn = nn.CrossEntropyLoss(reduction="sum")
+    loss, correct = 0.0, 0
+    for start in range(0, len(y), batch_size):
+        logits = model(x[start : start + batch_size])
+        target = y[start : start + batch_size]
+        loss += loss_fn(logits, target).item()
+        correct += (logits.argmax(dim=1) == target).sum().item()
+    count = max(len(y), 1)
+    return loss / count, correct / count

@@ -1,0 +1,158 @@
+"""Run one fedpriv experiment (or a Hydra multirun sweep of them).
+
+    python scripts/run.py [group=option ...] [key=value ...]
+
+Composes ``conf/config.yaml`` with the overrides, validates every group,
+flattens the config into Flower's run config and runs it in the chosen mode.
+A bad config ends with one line naming the key and value, and exit code 2.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+
+# Flower reads this when first imported; a private run reports nothing home.
+os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
+from pathlib import Path
+
+import hydra
+from hydra.core.hydra_config import HydraConfig
+from hydra.errors import HydraException, MissingConfigException
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:
+    # Running from a checkout without `pip install -e .` still finds the packages.
+    sys.path.insert(0, str(REPO))
+
+from fedpriv.experiment import load_experiment  # noqa: E402
+from fedpriv.run_config import ConfigError, build_component, flatten  # noqa: E402
+
+CONFIG_ERROR = 2
+# Not 1: Hydra's own exit code 1 means the config failed to compose.
+RUN_FAILED = 3
+
+logger = logging.getLogger("fedpriv.run")
+
+
+def prepare(cfg: DictConfig, *, output_dir: str):
+    """Validate the composed config and return ``(experiment, mode, run_config)``.
+
+    Raises
+    ------
+    ConfigError
+        Naming the first invalid key and value.
+    """
+    try:
+        nested = OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
+    except Exception as exc:  # OmegaConf raises several unrelated types for bad interpolations
+        raise ConfigError(f"config could not be resolved: {exc}".splitlines()[0]) from exc
+    if not nested.get("output_dir"):
+        nested["output_dir"] = output_dir
+    experiment = load_experiment(nested)
+    build_component(experiment.strategy_config, key="strategy")
+    experiment.build_model()
+    mode = build_component(nested["mode"], key="mode")
+    return experiment, mode, flatten(nested)
+
+
+def _first_of_each_sweep(args: list[str], *, multirun: bool) -> list[str]:
+    """The overrides of the first job: every sweep replaced by its first value."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    first = []
+    for override in OverridesParser.create().parse_overrides(args):
+        if override.is_hydra_override():
+            continue
+        if override.is_sweep_override():
+            if not multirun:
+                raise ConfigError(f"{override.input_line}: a sweep needs --multirun (-m)")
+            try:
+                value = next(iter(override.sweep_string_iterator()))
+            except HydraException:
+                continue  # glob() sweeps need Hydra's config loader; Hydra checks them itself
+        else:
+            value = override.get_value_element_as_str()
+        first.append(f"{override.get_key_element()}={value}")
+    return first
+
+
+def _one_line(exc: Exception) -> str:
+    message = str(exc).strip()
+    if isinstance(exc, MissingConfigException) and "Could not find" in message:
+        # Hydra lists the options over several lines; keep them on one.
+        listing = message.split("Config search path")[0].splitlines()[1:]
+        options = [line.strip() for line in listing if line.startswith("\t")]
+        return f"{message.splitlines()[0]} (available: {', '.join(options)})" if options else message.splitlines()[0]
+    return " ".join(line.strip() for line in message.splitlines()[:3] if line.strip())
+
+
+def check_overrides(args: list[str]) -> None:
+    """Compose and validate the first job's config before Hydra starts.
+
+    Hydra reports a bad override over many lines with exit code 1; this turns
+    it, and any invalid value, into one line naming the key.
+
+    Raises
+    ------
+    ConfigError
+        For an unknown group option or key, a malformed override or a bad value.
+    """
+    from fedpriv.compose import compose_config
+
+    # Flags such as `--cfg job` are Hydra's; overrides are the `key=value` words.
+    overrides = [arg for arg in args if "=" in arg and not arg.startswith("-")]
+    try:
+        multirun = "-m" in args or "--multirun" in args
+        config = compose_config(_first_of_each_sweep(overrides, multirun=multirun))
+    except (HydraException, OmegaConfBaseException) as exc:
+        raise ConfigError(_one_line(exc)) from exc
+    prepare(OmegaConf.create(config), output_dir="unused")
+
+
+@hydra.main(config_path="../conf", config_name="config", version_base="1.3")
+def main(cfg: DictConfig) -> None:
+    """Hydra entry point: validate, run, summarise."""
+    # Hydra configures the root logger; flwr has its own handler.
+    logging.getLogger("flwr").propagate = False
+    try:
+        experiment, mode, run_config = prepare(cfg, output_dir=HydraConfig.get().runtime.output_dir)
+    except ConfigError as exc:
+        print(f"config error: {exc}", file=sys.stderr)
+        sys.exit(CONFIG_ERROR)
+    output_dir = Path(experiment.settings.output_dir)
+    logger.info("running %d rounds with %d clients; results in %s", experiment.settings.num_rounds,
+                experiment.settings.num_clients, output_dir)
+    try:
+        mode.run(run_config=run_config, num_supernodes=experiment.settings.num_clients)
+    except Exception:
+        logger.exception("the run failed; completed rounds are in %s", output_dir)
+        sys.exit(RUN_FAILED)
+    results_path = output_dir / "results.json"
+    if not results_path.exists():
+        logger.error("the run wrote no results.json in %s", output_dir)
+        sys.exit(RUN_FAILED)
+    final = json.loads(results_path.read_text())["final"] or {}
+    logger.info("finished: %s", json.dumps(final))
+
+
+def _exit_code_of(code: object) -> object:
+    # Hydra ends a failed composition (unknown group option, bad override) with
+    # exit code 1 after printing its own message; that is a config error too.
+    return CONFIG_ERROR if code == 1 else code
+
+
+if __name__ == "__main__":
+    try:
+        check_overrides(sys.argv[1:])
+    except ConfigError as error:
+        print(f"config error: {error}", file=sys.stderr)
+        sys.exit(CONFIG_ERROR)
+    try:
+        main()
+    except SystemExit as exc:
+        sys.exit(_exit_code_of(exc.code))

@@ -1,0 +1,203 @@
+"""Aggregation math and reply validation as plain functions (no Grid needed).
+
+A reply is validated against the spec of the global model that was sent: the
+same array names, shapes and dtypes, finite values, and a usable
+``num-examples``. Anything else raises :class:`RejectedReply` with the reason;
+the strategy counts it and the round goes on.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+from flwr.app import ArrayRecord, Message
+
+WEIGHT_KEY = "num-examples"
+ArraySpec = dict[str, tuple[tuple[int, ...], np.dtype]]
+
+
+class RejectedReply(ValueError):
+    """A client reply that cannot be aggregated; the message says why."""
+
+
+@dataclass(frozen=True)
+class TrainReply:
+    """A validated training reply.
+
+    Attributes
+    ----------
+    node_id : int
+        The replying node.
+    arrays : list[np.ndarray]
+        The client's model, in the order of the global model's spec.
+    num_examples : float
+        The client's ``num-examples``.
+    metrics : dict[str, float]
+        Its other scalar metrics.
+    """
+
+    node_id: int
+    arrays: list[np.ndarray]
+    num_examples: float
+    metrics: dict[str, float]
+
+
+@dataclass(frozen=True)
+class MetricsReply:
+    """A validated evaluation reply: ``num-examples`` and other scalar metrics."""
+
+    node_id: int
+    num_examples: float
+    metrics: dict[str, float]
+
+
+def array_spec(record: ArrayRecord) -> ArraySpec:
+    """Names, shapes and dtypes of the arrays in ``record``, in order."""
+    spec: ArraySpec = {}
+    for name, array in record.items():
+        value = array.numpy()
+        spec[name] = (tuple(value.shape), value.dtype)
+    return spec
+
+
+def _is_number(value: object) -> bool:
+    return isinstance(value, int | float | np.integer | np.floating) and not isinstance(
+        value, bool | np.bool_
+    )
+
+
+def _parse_metrics(msg: Message, *, node_id: int) -> tuple[float, dict[str, float]]:
+    records = list(msg.content.metric_records.values())
+    if len(records) != 1:
+        raise RejectedReply(f"node {node_id}: expected one MetricRecord, got {len(records)}")
+    metrics = dict(records[0])
+    weight = metrics.pop(WEIGHT_KEY, None)
+    if weight is None:
+        raise RejectedReply(f"node {node_id}: missing '{WEIGHT_KEY}'")
+    if not _is_number(weight):
+        raise RejectedReply(f"node {node_id}: '{WEIGHT_KEY}'={weight!r} is not a number")
+    if not (math.isfinite(weight) and weight > 0):
+        raise RejectedReply(f"node {node_id}: '{WEIGHT_KEY}'={weight!r} must be finite and > 0")
+    scalars: dict[str, float] = {}
+    for key, value in metrics.items():
+        if isinstance(value, list):
+            continue
+        if not _is_number(value) or not math.isfinite(value):
+            raise RejectedReply(f"node {node_id}: metric '{key}'={value!r} is not a finite number")
+        scalars[key] = float(value)
+    return float(weight), scalars
+
+
+def _check_error(msg: Message) -> int:
+    node_id = msg.metadata.src_node_id
+    if msg.has_error():
+        raise RejectedReply(f"node {node_id}: error reply {msg.error.code}: {msg.error.reason}")
+    return node_id
+
+
+def parse_train_reply(msg: Message, *, spec: ArraySpec) -> TrainReply:
+    """Validate a training reply against the spec of the global model.
+
+    Raises
+    ------
+    RejectedReply
+        For an error reply, a missing/extra/misshapen/wrongly typed or
+        non-finite array, or an unusable ``num-examples`` or metric.
+    """
+    node_id = _check_error(msg)
+    records = list(msg.content.array_records.values())
+    if len(records) != 1:
+        raise RejectedReply(f"node {node_id}: expected one ArrayRecord, got {len(records)}")
+    record = records[0]
+    missing = [name for name in spec if name not in record]
+    extra = [name for name in record if name not in spec]
+    if missing or extra:
+        raise RejectedReply(f"node {node_id}: missing arrays {missing}, unexpected arrays {extra}")
+    arrays = []
+    for name, (shape, dtype) in spec.items():
+        try:
+            value = record[name].numpy()
+        except (TypeError, ValueError) as exc:
+            raise RejectedReply(f"node {node_id}: array '{name}' cannot be decoded: {exc}") from exc
+        if value.shape != shape or value.dtype != dtype:
+            raise RejectedReply(
+                f"node {node_id}: array '{name}' is {value.dtype}{list(value.shape)}, "
+                f"expected {dtype}{list(shape)}"
+            )
+        if not np.all(np.isfinite(value)):
+            raise RejectedReply(f"node {node_id}: array '{name}' has non-finite values")
+        arrays.append(value)
+    weight, metrics = _parse_metrics(msg, node_id=node_id)
+    return TrainReply(node_id=node_id, arrays=arrays, num_examples=weight, metrics=metrics)
+
+
+def parse_metrics_reply(msg: Message) -> MetricsReply:
+    """Validate an evaluation reply (``num-examples`` plus finite scalar metrics)."""
+    node_id = _check_error(msg)
+    weight, metrics = _parse_metrics(msg, node_id=node_id)
+    return MetricsReply(node_id=node_id, num_examples=weight, metrics=metrics)
+
+
+def weighted_average(
+    client_arrays: Sequence[Sequence[np.ndarray]], weights: Sequence[float]
+) -> list[np.ndarray]:
+    """Average each layer over clients with the given (unnormalised) weights.
+
+    Accumulates in float64 and returns arrays in the clients' dtype.
+    """
+    if not client_arrays or len(client_arrays) != len(weights):
+        raise ValueError("need one weight per client and at least one client")
+    total = float(sum(weights))
+    averaged = []
+    for layers in zip(*client_arrays, strict=True):
+        acc = np.zeros(layers[0].shape, dtype=np.float64)
+        for layer, weight in zip(layers, weights, strict=True):
+            acc += layer.astype(np.float64) * (weight / total)
+        averaged.append(acc.astype(layers[0].dtype))
+    return averaged
+
+
+def apply_server_lr(
+    global_arrays: Sequence[np.ndarray], target: Sequence[np.ndarray], *, server_lr: float
+) -> list[np.ndarray]:
+    """Move the global model ``server_lr`` of the way towards ``target``.
+
+    ``server_lr == 1`` returns ``target`` itself (plain FedAvg).
+    """
+    if server_lr == 1.0:
+        return list(target)
+    return [
+        (g.astype(np.float64) + server_lr * (t.astype(np.float64) - g)).astype(g.dtype)
+        for g, t in zip(global_arrays, target, strict=True)
+    ]
+
+
+def weighted_metrics(
+    metrics: Sequence[Mapping[str, float]], weights: Sequence[float]
+) -> dict[str, float]:
+    """Example-weighted mean of each metric that every client reported."""
+    if not metrics:
+        return {}
+    total = float(sum(weights))
+    common = set(metrics[0]).intersection(*metrics[1:])
+    return {
+        key: sum(m[key] * w for m, w in zip(metrics, weights, strict=True)) / total
+        for key in sorted(common)
+    }
+
+
+def sample_node_ids(
+    node_ids: Iterable[int], *, fraction: float, min_nodes: int, seed: int, server_round: int
+) -> list[int]:
+    """Choose ``max(int(fraction * N), min_nodes)`` nodes, reproducibly.
+
+    The choice depends only on the seed, the round and the set of node ids.
+    """
+    ordered = sorted(node_ids)
+    size = min(len(ordered), max(int(fraction * len(ordered)), min_nodes))
+    rng = np.random.default_rng([seed, server_round])
+    chosen = rng.choice(len(ordered), size=size, replace=False)
+    return [ordered[i] for i in sorted(chosen)]

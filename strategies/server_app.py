@@ -1,0 +1,102 @@
+"""The fedpriv ServerApp: builds the experiment from the run config and runs it.
+
+Flower's ``Strategy.start`` owns the round loop. This module supplies its
+``evaluate_fn``: the server evaluates the global model on its held-out test
+split after every round, and the :class:`~fedpriv.results.RunRecorder` writes
+the round's row and a checkpoint. A :class:`~strategies.weighted_fedavg.StopRun`
+raised by the strategy ends the run cleanly with the model saved.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord
+from flwr.serverapp import Grid, ServerApp
+
+from fedpriv.experiment import Experiment, experiment_from_run_config
+from fedpriv.results import RunRecorder
+from fedpriv.run_config import build_component
+from fedpriv.training import evaluate
+from strategies.weighted_fedavg import StopRun, WeightedFedAvg
+
+logger = logging.getLogger(__name__)
+
+app = ServerApp()
+
+
+def run_experiment(grid: Grid, experiment: Experiment, *, default_output_dir: Path) -> dict[str, Any]:
+    """Run every round of ``experiment`` on ``grid`` and write its results.
+
+    Returns
+    -------
+    dict[str, Any]
+        The ``results.json`` document.
+    """
+    settings = experiment.settings
+    output_dir = Path(settings.output_dir) if settings.output_dir else default_output_dir
+    strategy: WeightedFedAvg = build_component(experiment.strategy_config, key="strategy")
+    torch.manual_seed(settings.seed)
+    model = experiment.build_model()
+    splits = experiment.dataset.load()
+    recorder = RunRecorder(output_dir, config=experiment.config)
+    latest = {"state_dict": model.state_dict(), "test_loss": None, "test_accuracy": None}
+    logger.info("fedpriv run: results go to %s", output_dir.resolve())
+
+    def evaluate_global(server_round: int, arrays: ArrayRecord) -> MetricRecord:
+        state_dict = arrays.to_torch_state_dict()
+        model.load_state_dict(state_dict)
+        loss, accuracy = evaluate(model, splits.test_x, splits.test_y)
+        latest.update(state_dict=state_dict, test_loss=loss, test_accuracy=accuracy)
+        if server_round == 0:
+            recorder.start_clock()
+        else:
+            metrics = {**strategy.train_metrics.get(server_round, {}), "test_loss": loss, "test_accuracy": accuracy}
+            row = recorder.record_round(server_round=server_round, metrics=metrics, state_dict=state_dict)
+            logger.info(
+                "round %d/%d: test accuracy %.4f, %d clients, %d rejected, %.1fs",
+                server_round,
+                settings.num_rounds,
+                accuracy,
+                row["num_clients"] or 0,
+                row["num_rejected"] or 0,
+                row["seconds"],
+            )
+        return MetricRecord({"test_loss": loss, "test_accuracy": accuracy})
+
+    stop = None
+    try:
+        strategy.start(
+            grid=grid,
+            initial_arrays=ArrayRecord(model.state_dict()),
+            num_rounds=settings.num_rounds,
+            timeout=settings.round_timeout,
+            train_config=ConfigRecord(),
+            evaluate_fn=evaluate_global,
+        )
+        stop = strategy.stop
+    except StopRun as raised:
+        stop = raised
+    if stop is not None:
+        logger.warning("run stopped early: %s", stop)
+    final = {
+        "test_accuracy": latest["test_accuracy"],
+        "test_loss": latest["test_loss"],
+        **strategy.privacy_summary(),
+    }
+    return recorder.finish(
+        stopped_reason=stop.reason if stop else "completed",
+        detail=stop.detail if stop else "",
+        final=final,
+        state_dict=latest["state_dict"],
+    )
+
+
+@app.main()
+def main(grid: Grid, context: Context) -> None:
+    """Entry point of the ServerApp (simulation and deployment alike)."""
+    experiment = experiment_from_run_config(context.run_config)
+    run_experiment(grid, experiment, default_output_dir=Path("fedpriv-runs") / str(context.run_id))

@@ -1,0 +1,275 @@
+"""WeightedFedAvg: FedAvg that validates every reply and never crashes on one."""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Iterable
+
+import numpy as np
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import Strategy
+
+from strategies.aggregation import (
+    ArraySpec,
+    RejectedReply,
+    TrainReply,
+    apply_server_lr,
+    array_spec,
+    parse_metrics_reply,
+    parse_train_reply,
+    sample_node_ids,
+    weighted_average,
+    weighted_metrics,
+)
+
+logger = logging.getLogger(__name__)
+
+
+class StopRun(Exception):
+    """Raised by a strategy to end the run cleanly before the next round.
+
+    The ServerApp catches it, saves the current model and records ``reason``
+    as the run's ``stopped_reason``.
+    """
+
+    def __init__(self, reason: str, detail: str) -> None:
+        super().__init__(f"{reason}: {detail}")
+        self.reason = reason
+        self.detail = detail
+
+
+def _check_fraction(key: str, value: float) -> None:
+    if not (isinstance(value, int | float) and 0.0 <= value <= 1.0):
+        raise ValueError(f"strategy.{key}={value}: must be in [0, 1]")
+
+
+def _check_count(key: str, value: int, *, minimum: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"strategy.{key}={value!r}: must be an integer >= {minimum}")
+
+
+class WeightedFedAvg(Strategy):
+    """Federated averaging weighted by ``num-examples``, with reply validation.
+
+    On valid replies and ``server_lr = 1`` the new global model equals Flower's
+    ``FedAvg``. Every reply is checked against the global model that was sent
+    (names, shapes, dtypes, finite values, a positive finite ``num-examples``);
+    error replies and malformed ones are rejected with a logged reason and
+    counted in the round's ``num_rejected``. With fewer than
+    ``min_valid_replies`` valid replies the previous model is kept.
+
+    Parameters
+    ----------
+    fraction_train : float
+        Fraction of connected nodes sampled for training each round.
+    min_train_nodes : int
+        Lower bound on the number of nodes sampled for training.
+    min_available_nodes : int
+        Nodes that must be connected before a round starts.
+    fraction_evaluate : float
+        Fraction of nodes asked for federated evaluation (0 turns it off; the
+        server always evaluates the global model on its own test split).
+    min_evaluate_nodes : int
+        Lower bound on nodes sampled for federated evaluation when it is on.
+    min_valid_replies : int
+        Valid replies needed to update the model in a round.
+    server_lr : float
+        Step size of the server update ``global + server_lr * (average - global)``.
+    seed : int
+        Seed of the node sampling (per round, over the sorted node ids).
+    node_wait_seconds : float
+        How long to wait for ``min_available_nodes`` before failing.
+    """
+
+    def __init__(
+        self,
+        *,
+        fraction_train: float = 1.0,
+        min_train_nodes: int = 1,
+        min_available_nodes: int = 1,
+        fraction_evaluate: float = 0.0,
+        min_evaluate_nodes: int = 1,
+        min_valid_replies: int = 1,
+        server_lr: float = 1.0,
+        seed: int = 0,
+        node_wait_seconds: float = 300.0,
+    ) -> None:
+        _check_fraction("fraction_train", fraction_train)
+        _check_fraction("fraction_evaluate", fraction_evaluate)
+        _check_count("min_train_nodes", min_train_nodes, minimum=0)
+        _check_count("min_available_nodes", min_available_nodes, minimum=0)
+        _check_count("min_evaluate_nodes", min_evaluate_nodes, minimum=0)
+        _check_count("min_valid_replies", min_valid_replies, minimum=1)
+        if not (isinstance(server_lr, int | float) and math.isfinite(server_lr) and server_lr > 0):
+            raise ValueError(f"strategy.server_lr={server_lr}: must be > 0")
+        if fraction_train == 0.0 and min_train_nodes == 0:
+            raise ValueError("strategy.fraction_train=0.0: with min_train_nodes=0 no client would train")
+        self.fraction_train = float(fraction_train)
+        self.min_train_nodes = min_train_nodes
+        self.min_available_nodes = min_available_nodes
+        self.fraction_evaluate = float(fraction_evaluate)
+        self.min_evaluate_nodes = min_evaluate_nodes
+        self.min_valid_replies = min_valid_replies
+        self.server_lr = float(server_lr)
+        self.seed = seed
+        self.node_wait_seconds = node_wait_seconds
+        self.train_metrics: dict[int, dict[str, float]] = {}
+        self.stop: StopRun | None = None
+        self._global: list[np.ndarray] = []
+        self._spec: ArraySpec = {}
+
+    def summary(self) -> None:
+        """Log the strategy's configuration."""
+        logger.info(
+            "%s: fraction_train=%.2f (min %d), fraction_evaluate=%.2f, min_available_nodes=%d, "
+            "min_valid_replies=%d, server_lr=%g, seed=%d",
+            type(self).__name__,
+            self.fraction_train,
+            self.min_train_nodes,
+            self.fraction_evaluate,
+            self.min_available_nodes,
+            self.min_valid_replies,
+            self.server_lr,
+            self.seed,
+        )
+
+    def _connected_nodes(self, grid: Grid) -> list[int]:
+        deadline = time.monotonic() + self.node_wait_seconds
+        while len(nodes := list(grid.get_node_ids())) < self.min_available_nodes:
+            if time.monotonic() > deadline:
+                raise RuntimeError(
+                    f"only {len(nodes)} nodes connected after {self.node_wait_seconds:.0f}s; "
+                    f"strategy.min_available_nodes={self.min_available_nodes}"
+                )
+            logger.info("waiting for nodes: %d of %d connected", len(nodes), self.min_available_nodes)
+            time.sleep(1.0)
+        return nodes
+
+    def sample_train_nodes(self, server_round: int, grid: Grid) -> list[int]:
+        """Choose this round's training nodes (subclasses change the sampling)."""
+        return sample_node_ids(
+            self._connected_nodes(grid),
+            fraction=self.fraction_train,
+            min_nodes=self.min_train_nodes,
+            seed=self.seed,
+            server_round=server_round,
+        )
+
+    @staticmethod
+    def _messages(
+        *, arrays: ArrayRecord | None, config: ConfigRecord, server_round: int, node_ids: list[int], kind: str
+    ) -> list[Message]:
+        # A copy: the caller's ConfigRecord is never written into.
+        round_config = ConfigRecord({**dict(config), "server-round": server_round})
+        content = {"config": round_config} if arrays is None else {"arrays": arrays, "config": round_config}
+        return [
+            Message(content=RecordDict(content), message_type=kind, dst_node_id=node_id)
+            for node_id in node_ids
+        ]
+
+    def configure_train(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        """Sample nodes and send them the global model.
+
+        Raises
+        ------
+        StopRun
+            When an earlier round decided that the run must end.
+        """
+        if self.stop is not None:
+            raise self.stop
+        self._spec = array_spec(arrays)
+        self._global = [array.numpy() for array in arrays.values()]
+        node_ids = self.sample_train_nodes(server_round, grid)
+        logger.info("round %d: training on %d nodes", server_round, len(node_ids))
+        return self._messages(
+            arrays=arrays, config=config, server_round=server_round, node_ids=node_ids, kind=MessageType.TRAIN
+        )
+
+    def validate_train_replies(self, replies: Iterable[Message]) -> tuple[list[TrainReply], int]:
+        """Parse replies; log and count the rejected ones."""
+        valid, rejected = [], 0
+        for msg in replies:
+            try:
+                valid.append(parse_train_reply(msg, spec=self._spec))
+            except RejectedReply as exc:
+                rejected += 1
+                logger.warning("rejected reply: %s", exc)
+        return valid, rejected
+
+    def aggregate_updates(self, server_round: int, valid: list[TrainReply]) -> list[np.ndarray]:
+        """Example-weighted average of the clients' models (subclasses add privacy)."""
+        return weighted_average([r.arrays for r in valid], [r.num_examples for r in valid])
+
+    def _to_record(self, arrays: list[np.ndarray]) -> ArrayRecord:
+        return ArrayRecord({name: Array(value) for name, value in zip(self._spec, arrays, strict=True)})
+
+    def aggregate_train(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        """Validate replies, average the valid ones and apply the server step."""
+        valid, rejected = self.validate_train_replies(replies)
+        weights = [r.num_examples for r in valid]
+        metrics = {
+            "num_clients": len(valid),
+            "num_rejected": rejected,
+            **weighted_metrics([r.metrics for r in valid], weights),
+        }
+        arrays = None
+        if len(valid) < self.min_valid_replies:
+            logger.warning(
+                "round %d: %d valid replies (%d rejected) < min_valid_replies=%d; keeping the previous model",
+                server_round,
+                len(valid),
+                rejected,
+                self.min_valid_replies,
+            )
+        else:
+            target = self.aggregate_updates(server_round, valid)
+            arrays = self._to_record(apply_server_lr(self._global, target, server_lr=self.server_lr))
+        metrics.update(self.round_metrics(server_round))
+        self.train_metrics[server_round] = metrics
+        return arrays, MetricRecord(metrics)
+
+    def round_metrics(self, server_round: int) -> dict[str, float]:
+        """Extra per-round metrics of subclasses (privacy spent, noise, ...)."""
+        return {}
+
+    def privacy_summary(self) -> dict[str, float | None]:
+        """Privacy spent by the whole run; ``None`` where that kind of privacy is off."""
+        return {"epsilon_user": None, "delta_user": None, "epsilon_record_max": None, "delta_record": None}
+
+    def configure_evaluate(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        """Ask a sample of nodes to evaluate the global model (off when fraction is 0)."""
+        if self.fraction_evaluate == 0.0:
+            return []
+        node_ids = sample_node_ids(
+            self._connected_nodes(grid),
+            fraction=self.fraction_evaluate,
+            min_nodes=self.min_evaluate_nodes,
+            seed=self.seed + 1,
+            server_round=server_round,
+        )
+        return self._messages(
+            arrays=arrays, config=config, server_round=server_round, node_ids=node_ids, kind=MessageType.EVALUATE
+        )
+
+    def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
+        """Example-weighted mean of valid evaluation replies."""
+        valid = []
+        for msg in replies:
+            try:
+                valid.append(parse_metrics_reply(msg))
+            except RejectedReply as exc:
+                logger.warning("rejected evaluation reply: %s", exc)
+        if not valid:
+            return None
+        return MetricRecord(
+            weighted_metrics([r.metrics for r in valid], [r.num_examples for r in valid])
+        )

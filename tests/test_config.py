@@ -1,0 +1,148 @@
+"""Config path: Hydra -> run_config -> apps, pyproject defaults, bad config handling."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from flwr.common.config import flatten_dict, get_project_config
+from hypothesis import given
+from hypothesis import strategies as st
+
+from fedpriv.compose import compose_config
+from fedpriv.experiment import experiment_from_run_config, load_experiment
+from fedpriv.run_config import ConfigError, build_component, flatten, unflatten
+
+REPO = Path(__file__).resolve().parents[1]
+GROUP_OPTIONS = {
+    group: sorted(p.stem for p in (REPO / "conf" / group).glob("*.yaml"))
+    for group in ("strategy", "client", "model", "dataset", "partition", "mode")
+}
+
+
+def test_pyproject_defaults_equal_flattened_default_hydra_config():
+    # Prepare
+    pyproject = get_project_config(REPO)
+
+    # Execute
+    defaults = flatten_dict(pyproject["tool"]["flwr"]["app"]["config"])
+
+    # Assert
+    assert defaults == flatten(compose_config()), "run: python scripts/sync_pyproject.py"
+
+
+def test_every_group_option_composes_and_round_trips():
+    for group, options in GROUP_OPTIONS.items():
+        for option in options:
+            # Prepare
+            config = compose_config([f"{group}={option}"])
+
+            # Execute
+            flat = flatten(config)
+
+            # Assert
+            assert all(isinstance(v, bool | int | float | str) for v in flat.values())
+            assert unflatten(flat) == config
+            assert "_target_" in config[group]
+
+
+scalars = st.one_of(
+    st.booleans(), st.integers(-(2**40), 2**40), st.floats(allow_nan=False), st.text(max_size=8).filter(lambda s: not s.startswith("["))
+)
+names = st.from_regex(r"[a-z][a-z0-9_]{0,8}", fullmatch=True).filter(lambda s: not s.endswith("_"))
+
+
+@given(st.dictionaries(names, st.one_of(scalars, st.lists(st.integers(), max_size=3), st.dictionaries(names, scalars, max_size=3)), max_size=6))
+def test_flatten_round_trips_nested_scalars_and_lists(config):
+    # Prepare: empty sub-dicts have no flat form
+    config = {k: v for k, v in config.items() if v != {}}
+
+    # Execute
+    flat = flatten(config)
+
+    # Assert
+    assert unflatten(flat) == config
+    assert all("_" not in key for key in flat)
+
+
+def test_flatten_encodes_keys_and_lists_the_flower_way():
+    flat = flatten({"strategy": {"_target_": "x.Y", "noise_multiplier": 1.0, "sizes": [1, 2], "off": None}})
+    assert flat == {"strategy._target_": "x.Y", "strategy.noise-multiplier": 1.0, "strategy.sizes": "[1, 2]"}
+
+
+def test_run_config_rebuilds_the_same_experiment_as_hydra():
+    # Prepare
+    config = compose_config(["num_clients=4", "partition=dirichlet", "partition.alpha=0.3", "model=logreg"])
+
+    # Execute
+    direct = load_experiment(config)
+    rebuilt = experiment_from_run_config(flatten(config))
+
+    # Assert
+    assert rebuilt.settings == direct.settings
+    assert rebuilt.partition == direct.partition
+    assert rebuilt.dataset == direct.dataset
+    assert rebuilt.client == direct.client
+    assert type(rebuilt.build_model()) is type(direct.build_model())
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["num_clients=0"], "num_clients=0"),
+        (["num_rounds=-1"], "num_rounds=-1"),
+        (["strategy.fraction_train=1.5"], "strategy.fraction_train=1.5"),
+        (["client.lr=-0.1"], "client.lr=-0.1"),
+        (["client.optimizer=rmsprop"], "client.optimizer='rmsprop'"),
+        (["partition=dirichlet", "partition.alpha=0"], "partition.alpha=0"),
+        (["dataset.test_fraction=1.0"], "dataset.test_fraction=1.0"),
+        (["model=cnn28"], "model=cnn28"),
+        (["model.hidden_sizes=[0]"], "model.hidden_sizes=[0]"),
+        (["mode.client_num_cpus=0"], "mode.client_num_cpus=0"),
+    ],
+)
+def test_bad_values_are_refused_naming_key_and_value(overrides, message):
+    # Prepare
+    config = compose_config(overrides)
+
+    # Execute / Assert
+    with pytest.raises(ConfigError, match=message.replace(".", r"\.").replace("[", r"\[").replace("]", r"\]")):
+        experiment = load_experiment(config)
+        build_component(config["strategy"], key="strategy")
+        build_component(config["mode"], key="mode")
+        experiment.build_model()
+
+
+def run_script(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, str(REPO / "scripts" / "run.py"), *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=REPO,
+    )
+
+
+@pytest.mark.parametrize(
+    ("args", "expected"),
+    [
+        (["strategy=nope"], "Could not find 'strategy/nope' (available: fedavg"),
+        (["num_clients=0"], "num_clients=0: must be >= 1"),
+        (["partition=dirichlet", "partition.alpha=-1"], "partition.alpha=-1"),
+        (["bogus=1"], "Could not override 'bogus'"),
+        (["client.lr=0.1,0.2"], "a sweep needs --multirun"),
+    ],
+)
+def test_bad_config_on_the_command_line_is_one_line_and_exit_2(args, expected):
+    # Execute
+    result = run_script(*args)
+
+    # Assert
+    assert result.returncode == 2
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith("config error: ")
+    assert expected in lines[0]
+    assert "Traceback" not in result.stdout + result.stderr

@@ -1,0 +1,109 @@
+"""End to end through the real Flower simulation runtime (Ray), via scripts/run.py."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import matplotlib.image
+import torch
+
+from fedpriv.compose import compose_config
+from fedpriv.experiment import client_examples, load_experiment
+from fedpriv.results import ROUND_FIELDS
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def run(tmp_path: Path, *overrides: str) -> tuple[subprocess.CompletedProcess, Path]:
+    out = tmp_path / "run"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), str(REPO / "tests")])}
+    result = subprocess.run(
+        [sys.executable, str(REPO / "scripts" / "run.py"), f"output_dir={out}", *overrides],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=tmp_path,
+        env=env,
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return result, out
+
+
+def test_simulation_writes_the_results_contract(tmp_path):
+    # Prepare
+    overrides = ["num_clients=3", "num_rounds=2", "client.local_epochs=1"]
+
+    # Execute
+    result, out = run(tmp_path, *overrides)
+
+    # Assert: results.json, field by field
+    document = json.loads((out / "results.json").read_text())
+    assert document["schema"] == 1
+    expected_config = compose_config(overrides)
+    expected_config["output_dir"] = str(out)
+    assert document["config"] == expected_config
+    rounds = document["rounds"]
+    assert [row["round"] for row in rounds] == [1, 2]
+    for row in rounds:
+        assert set(ROUND_FIELDS) <= set(row)
+        assert row["seconds"] > 0
+        assert row["num_clients"] == 3
+        assert row["num_rejected"] == 0
+        assert row["train_loss"] > 0
+        assert row["test_loss"] > 0
+        assert 0.0 <= row["test_accuracy"] <= 1.0
+        for field in ("epsilon_user", "epsilon_record_max", "clipping_norm", "noise_std"):
+            assert row[field] is None
+    assert rounds[1]["test_loss"] < rounds[0]["test_loss"]
+    final = document["final"]
+    assert final["rounds_completed"] == 2
+    assert final["stopped_reason"] == "completed"
+    assert final["test_accuracy"] == rounds[-1]["test_accuracy"]
+    assert final["test_loss"] == rounds[-1]["test_loss"]
+    for field in ("epsilon_user", "delta_user", "epsilon_record_max", "delta_record"):
+        assert final[field] is None
+    assert document["timing"]["total_seconds"] > 0
+
+    # Assert: the other artefacts
+    with (out / "metrics.csv").open() as handle:
+        rows = list(csv.DictReader(handle))
+    assert [int(r["round"]) for r in rows] == [1, 2]
+    assert float(rows[1]["test_accuracy"]) == rounds[1]["test_accuracy"]
+    for name in ("accuracy.png", "loss.png"):
+        assert matplotlib.image.imread(out / name).ndim == 3
+    assert not (out / "epsilon.png").exists()
+    experiment = load_experiment(expected_config)
+    model = experiment.build_model()
+    model.load_state_dict(torch.load(out / "model.pt"))
+    assert torch.load(out / "checkpoint.pt")["round"] == 2
+
+    # Assert: flwr lines are not printed twice (Hydra's root handler and flwr's own)
+    output = result.stdout + result.stderr
+    assert output.count("[ROUND 2/2]") == 1
+
+
+def test_malformed_replies_are_rejected_and_the_run_goes_on(tmp_path):
+    # Prepare
+    from faulty_training import is_victim
+
+    overrides = ["num_clients=4", "num_rounds=2", "client.local_epochs=1", "client._target_=faulty_training.NaNTraining"]
+    experiment = load_experiment(compose_config(overrides))
+    victims = sum(
+        is_victim(client_examples(experiment, partition_id=i, num_partitions=4)[1]) for i in range(4)
+    )
+    assert 0 < victims < 4, "pick a seed with some victims and some honest clients"
+
+    # Execute
+    _, out = run(tmp_path, *overrides)
+
+    # Assert
+    document = json.loads((out / "results.json").read_text())
+    assert [row["num_rejected"] for row in document["rounds"]] == [victims, victims]
+    assert [row["num_clients"] for row in document["rounds"]] == [4 - victims] * 2
+    assert document["final"]["stopped_reason"] == "completed"
+    assert document["final"]["test_accuracy"] > 0.3

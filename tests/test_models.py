@@ -1,0 +1,44 @@
+"""Models: shapes, Opacus compatibility, clear errors for mismatched inputs."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from opacus.validators import ModuleValidator
+
+from fedpriv.models import CNN28, CNN32, MLP, LogisticRegression
+
+CASES = [
+    (MLP, (1, 8, 8), {"hidden_sizes": [32, 16]}),
+    (LogisticRegression, (30,), {}),
+    (CNN28, (1, 28, 28), {}),
+    (CNN32, (3, 32, 32), {}),
+]
+
+
+@pytest.mark.parametrize(("model_class", "shape", "kwargs"), CASES)
+def test_model_gives_logits_and_opacus_accepts_it(model_class, shape, kwargs):
+    # Prepare
+    model = model_class(input_shape=shape, num_classes=7, **kwargs)
+
+    # Execute
+    logits = model(torch.randn(5, *shape))
+
+    # Assert
+    assert logits.shape == (5, 7)
+    assert ModuleValidator.validate(model, strict=False) == []
+
+
+@pytest.mark.parametrize(
+    ("build", "message"),
+    [
+        (lambda: CNN28(input_shape=(1, 8, 8), num_classes=10), r"model=cnn28: expects images of shape \(channels, 28, 28\)"),
+        (lambda: CNN32(input_shape=(1, 28, 28), num_classes=10), r"model=cnn32"),
+        (lambda: MLP(input_shape=(4,), num_classes=2, hidden_sizes=[0]), r"model.hidden_sizes=\[0\]"),
+        (lambda: CNN28(input_shape=(1, 28, 28), num_classes=10, channels=[8, 8, 8]), r"model.channels=\[8, 8, 8\]"),
+        (lambda: LogisticRegression(input_shape=(4,), num_classes=1), r"num_classes=1"),
+    ],
+)
+def test_bad_model_settings_name_the_key(build, message):
+    with pytest.raises(ValueError, match=message):
+        build()
