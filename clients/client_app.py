@@ -7,17 +7,16 @@ process), keyed by the run config.
 
 from __future__ import annotations
 
-import logging
-
 import numpy as np
 import torch
 from flwr.app import ArrayRecord, Context, Error, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from fedpriv.experiment import client_examples, experiment_from_run_config
+from fedpriv.logs import get_logger
 from fedpriv.training import evaluate as evaluate_model
 
-logger = logging.getLogger(__name__)
+logger = get_logger(__name__)
 
 # Error codes of replies that carry no result (the server counts them as rejected).
 DATA_ERROR = 101

@@ -7,7 +7,6 @@ plain index arrays.
 
 from __future__ import annotations
 
-import logging
 import math
 import numbers
 import warnings
@@ -16,11 +15,13 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from fedpriv.logs import get_logger
+
 if TYPE_CHECKING:
     import datasets
     from flwr_datasets.partitioner import Partitioner
 
-logger = logging.getLogger(__name__)
+logger = get_logger(__name__)
 
 
 @dataclass(frozen=True, eq=False)

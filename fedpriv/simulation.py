@@ -13,7 +13,6 @@ read it from ``context.run_config`` like any Flower app.
 
 from __future__ import annotations
 
-import logging
 import math
 import os
 import tempfile
@@ -22,13 +21,14 @@ from pathlib import Path
 
 import tomli_w
 
+from fedpriv.logs import get_logger
 from fedpriv.run_config import Scalar
 
 SERVER_APP = "strategies.server_app:app"
 CLIENT_APP = "clients.client_app:app"
 BACKENDS = ("ray",)
 
-logger = logging.getLogger(__name__)
+logger = get_logger(__name__)
 
 
 def stage_app(run_config: dict[str, Scalar], directory: Path) -> Path:

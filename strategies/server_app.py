@@ -9,7 +9,6 @@ raised by the strategy ends the run cleanly with the model saved.
 
 from __future__ import annotations
 
-import logging
 from pathlib import Path
 from typing import Any
 
@@ -18,12 +17,13 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord
 from flwr.serverapp import Grid, ServerApp
 
 from fedpriv.experiment import Experiment, experiment_from_run_config
+from fedpriv.logs import get_logger
 from fedpriv.results import RunRecorder
 from fedpriv.run_config import build_component
 from fedpriv.training import evaluate
 from strategies.weighted_fedavg import StopRun, WeightedFedAvg
 
-logger = logging.getLogger(__name__)
+logger = get_logger(__name__)
 
 app = ServerApp()
 

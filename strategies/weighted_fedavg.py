@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 import math
 import time
 from collections.abc import Iterable
@@ -12,6 +11,7 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, Met
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
+from fedpriv.logs import get_logger
 from strategies.aggregation import (
     ArraySpec,
     RejectedReply,
@@ -25,7 +25,7 @@ from strategies.aggregation import (
     weighted_metrics,
 )
 
-logger = logging.getLogger(__name__)
+logger = get_logger(__name__)
 
 
 class StopRun(Exception):
