@@ -16,6 +16,9 @@ import numpy as np
 from flwr.app import ArrayRecord, Message
 
 WEIGHT_KEY = "num-examples"
+# A client over its record-level privacy budget replies with metrics only and
+# this key set to 1: a decline, counted apart from rejected replies.
+DECLINED_KEY = "declined"
 ArraySpec = dict[str, tuple[tuple[int, ...], np.dtype]]
 
 
@@ -96,6 +99,21 @@ def _check_error(msg: Message) -> int:
     if msg.has_error():
         raise RejectedReply(f"node {node_id}: error reply {msg.error.code}: {msg.error.reason}")
     return node_id
+
+
+def parse_decline(msg: Message) -> MetricsReply | None:
+    """The metrics of a decline reply, or ``None`` if ``msg`` is no decline."""
+    if msg.has_error() or msg.content.array_records:
+        return None
+    records = list(msg.content.metric_records.values())
+    if len(records) != 1 or records[0].get(DECLINED_KEY) != 1:
+        return None
+    reply = parse_metrics_reply(msg)
+    return MetricsReply(
+        node_id=reply.node_id,
+        num_examples=reply.num_examples,
+        metrics={k: v for k, v in reply.metrics.items() if k != DECLINED_KEY},
+    )
 
 
 def parse_train_reply(msg: Message, *, spec: ArraySpec) -> TrainReply:

@@ -15,9 +15,11 @@ from fedpriv.logs import get_logger
 from strategies.aggregation import (
     ArraySpec,
     RejectedReply,
+    MetricsReply,
     TrainReply,
     apply_server_lr,
     array_spec,
+    parse_decline,
     parse_metrics_reply,
     parse_train_reply,
     sample_node_ids,
@@ -60,6 +62,13 @@ class WeightedFedAvg(Strategy):
     error replies and malformed ones are rejected with a logged reason and
     counted in the round's ``num_rejected``. With fewer than
     ``min_valid_replies`` valid replies the previous model is kept.
+
+    Clients that train with record-level DP report their cumulative
+    ``epsilon`` and ``delta``; the strategy reports the largest and the mean
+    over clients as ``epsilon_record_max`` / ``epsilon_record_mean``. A client
+    over its budget declines (counted in ``num_declined``) and is not sampled
+    again; once every node has declined the run stops with
+    ``privacy_budget_exhausted``.
 
     Parameters
     ----------
@@ -118,6 +127,10 @@ class WeightedFedAvg(Strategy):
         self.node_wait_seconds = node_wait_seconds
         self.train_metrics: dict[int, dict[str, float]] = {}
         self.stop: StopRun | None = None
+        self.declined_nodes: set[int] = set()
+        self.record_epsilon: dict[int, float] = {}
+        self.record_delta: float | None = None
+        self._known_nodes: set[int] = set()
         self._global: list[np.ndarray] = []
         self._spec: ArraySpec = {}
 
@@ -148,10 +161,25 @@ class WeightedFedAvg(Strategy):
             time.sleep(1.0)
         return nodes
 
+    def _trainable_nodes(self, grid: Grid) -> list[int]:
+        """Connected nodes that have not declined for lack of privacy budget.
+
+        Raises
+        ------
+        StopRun
+            When every connected node has declined.
+        """
+        connected = self._connected_nodes(grid)
+        self._known_nodes.update(connected)
+        candidates = [node for node in connected if node not in self.declined_nodes]
+        if connected and not candidates:
+            raise StopRun("privacy_budget_exhausted", "every client has spent its record-level budget")
+        return candidates
+
     def sample_train_nodes(self, server_round: int, grid: Grid) -> list[int]:
         """Choose this round's training nodes (subclasses change the sampling)."""
         return sample_node_ids(
-            self._connected_nodes(grid),
+            self._trainable_nodes(grid),
             fraction=self.fraction_train,
             min_nodes=self.min_train_nodes,
             seed=self.seed,
@@ -190,16 +218,39 @@ class WeightedFedAvg(Strategy):
             arrays=arrays, config=config, server_round=server_round, node_ids=node_ids, kind=MessageType.TRAIN
         )
 
-    def validate_train_replies(self, replies: Iterable[Message]) -> tuple[list[TrainReply], int]:
-        """Parse replies; log and count the rejected ones."""
-        valid, rejected = [], 0
+    def validate_train_replies(
+        self, replies: Iterable[Message]
+    ) -> tuple[list[TrainReply], int, list[MetricsReply]]:
+        """Parse replies into valid ones, a count of rejected ones, and declines."""
+        valid, rejected, declined = [], 0, []
         for msg in replies:
             try:
-                valid.append(parse_train_reply(msg, spec=self._spec))
+                decline = parse_decline(msg)
+                if decline is None:
+                    valid.append(parse_train_reply(msg, spec=self._spec))
+                else:
+                    declined.append(decline)
+                    logger.warning("node %d declined: record-level privacy budget spent", decline.node_id)
             except RejectedReply as exc:
                 rejected += 1
                 logger.warning("rejected reply: %s", exc)
-        return valid, rejected
+        return valid, rejected, declined
+
+    def _track_record_privacy(self, replies: list[TrainReply | MetricsReply]) -> dict[str, float]:
+        for reply in replies:
+            if "epsilon" in reply.metrics:
+                previous = self.record_epsilon.get(reply.node_id, 0.0)
+                self.record_epsilon[reply.node_id] = max(previous, reply.metrics["epsilon"])
+            if "delta" in reply.metrics:
+                self.record_delta = max(self.record_delta or 0.0, reply.metrics["delta"])
+        if not self.record_epsilon:
+            return {}
+        spent = list(self.record_epsilon.values())
+        return {"epsilon_record_max": max(spent), "epsilon_record_mean": sum(spent) / len(spent)}
+
+    def releases_update(self, valid: list[TrainReply]) -> bool:
+        """Whether this round updates the model (enough valid replies)."""
+        return len(valid) >= self.min_valid_replies
 
     def aggregate_updates(self, server_round: int, valid: list[TrainReply]) -> list[np.ndarray]:
         """Example-weighted average of the clients' models (subclasses add privacy)."""
@@ -212,15 +263,22 @@ class WeightedFedAvg(Strategy):
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         """Validate replies, average the valid ones and apply the server step."""
-        valid, rejected = self.validate_train_replies(replies)
+        valid, rejected, declined = self.validate_train_replies(replies)
+        self.declined_nodes.update(d.node_id for d in declined)
+        if self._known_nodes and self._known_nodes <= self.declined_nodes:
+            self.stop = StopRun("privacy_budget_exhausted", "every client has spent its record-level budget")
         weights = [r.num_examples for r in valid]
+        client_metrics = weighted_metrics([r.metrics for r in valid], weights)
         metrics = {
             "num_clients": len(valid),
             "num_rejected": rejected,
-            **weighted_metrics([r.metrics for r in valid], weights),
+            "num_declined": len(declined),
+            "train_loss": client_metrics.pop("train_loss", None),
+            **{f"client_{key}": value for key, value in client_metrics.items()},
+            **self._track_record_privacy([*valid, *declined]),
         }
         arrays = None
-        if len(valid) < self.min_valid_replies:
+        if not self.releases_update(valid):
             logger.warning(
                 "round %d: %d valid replies (%d rejected) < min_valid_replies=%d; keeping the previous model",
                 server_round,
@@ -233,7 +291,7 @@ class WeightedFedAvg(Strategy):
             arrays = self._to_record(apply_server_lr(self._global, target, server_lr=self.server_lr))
         metrics.update(self.round_metrics(server_round))
         self.train_metrics[server_round] = metrics
-        return arrays, MetricRecord(metrics)
+        return arrays, MetricRecord({k: v for k, v in metrics.items() if v is not None})
 
     def round_metrics(self, server_round: int) -> dict[str, float]:
         """Extra per-round metrics of subclasses (privacy spent, noise, ...)."""
@@ -241,7 +299,12 @@ class WeightedFedAvg(Strategy):
 
     def privacy_summary(self) -> dict[str, float | None]:
         """Privacy spent by the whole run; ``None`` where that kind of privacy is off."""
-        return {"epsilon_user": None, "delta_user": None, "epsilon_record_max": None, "delta_record": None}
+        return {
+            "epsilon_user": None,
+            "delta_user": None,
+            "epsilon_record_max": max(self.record_epsilon.values()) if self.record_epsilon else None,
+            "delta_record": self.record_delta,
+        }
 
     def configure_evaluate(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid

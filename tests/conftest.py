@@ -46,3 +46,13 @@ def error_reply(node_id: int, *, code: int = 101, reason: str = "boom") -> Messa
     """An error reply from ``node_id``."""
     request = Message(content=RecordDict(), message_type=MessageType.TRAIN, dst_node_id=node_id)
     return Message(error=Error(code=code, reason=reason), reply_to=request)
+
+
+class FakeGrid:
+    """The part of Flower's Grid that strategies use for sampling nodes."""
+
+    def __init__(self, node_ids):
+        self.node_ids = list(node_ids)
+
+    def get_node_ids(self):
+        return list(self.node_ids)

@@ -107,3 +107,28 @@ def test_malformed_replies_are_rejected_and_the_run_goes_on(tmp_path):
     assert [row["num_clients"] for row in document["rounds"]] == [4 - victims] * 2
     assert document["final"]["stopped_reason"] == "completed"
     assert document["final"]["test_accuracy"] > 0.3
+
+
+def test_server_budget_stops_the_run_cleanly_with_the_model_saved(tmp_path):
+    # Prepare: z = 1 and q = 1 spend epsilon 4.39, 6.58, 8.40 in rounds 1, 2, 3
+    overrides = [
+        "num_clients=3", "num_rounds=5", "client.local_epochs=1",
+        "strategy=dp_fixed", "strategy.max_epsilon=7.0", "strategy.noise_multiplier=1.0",
+    ]
+
+    # Execute
+    _, out = run(tmp_path, *overrides)
+
+    # Assert
+    document = json.loads((out / "results.json").read_text())
+    final = document["final"]
+    assert final["stopped_reason"] == "privacy_budget_exhausted"
+    assert "strategy.max_epsilon=7" in final["stopped_detail"]
+    assert final["rounds_completed"] == 2
+    epsilons = [row["epsilon_user"] for row in document["rounds"]]
+    assert epsilons[0] < epsilons[1] <= 7.0
+    assert final["epsilon_user"] == epsilons[-1]
+    assert final["delta_user"] == 1e-5
+    assert all(row["clipping_norm"] == 1.0 and row["noise_std"] > 0 for row in document["rounds"])
+    assert (out / "model.pt").exists()
+    assert matplotlib.image.imread(out / "epsilon.png").ndim == 3

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from conftest import arrays_record, error_reply, reply
+from conftest import FakeGrid, arrays_record, error_reply, reply
 from flwr.app import ConfigRecord, MessageType
 from flwr.serverapp.strategy import FedAvg
 from hypothesis import given, settings
@@ -14,16 +14,6 @@ from strategies import WeightedFedAvg
 from strategies.aggregation import sample_node_ids
 
 GLOBAL = {"w": np.zeros((3, 2), dtype=np.float32), "b": np.zeros(2, dtype=np.float32)}
-
-
-class FakeGrid:
-    """The part of Flower's Grid that the strategy uses for sampling."""
-
-    def __init__(self, node_ids):
-        self.node_ids = list(node_ids)
-
-    def get_node_ids(self):
-        return list(self.node_ids)
 
 
 def configured(strategy: WeightedFedAvg, *, arrays=GLOBAL, nodes=(1, 2, 3)):

@@ -1,0 +1,322 @@
+"""Server-side client-level DP: DP-FedAvg with fixed or adaptive clipping.
+
+The strategy only wires things together. The mechanism (clipping, bounded
+weights, the fixed denominator, Gaussian noise, the adaptive clipping update)
+is in :mod:`fedpriv.privacy.dp_fedavg` and the accounting in
+:mod:`fedpriv.privacy.accounting`, both pure functions tested on their own.
+"""
+
+from __future__ import annotations
+
+import math
+import secrets
+
+import numpy as np
+from flwr.serverapp import Grid
+
+from fedpriv.logs import get_logger
+from fedpriv.privacy import (
+    ACCOUNTANTS,
+    adaptive_clipping_noise,
+    add_gaussian_noise,
+    aggregate_clipped,
+    bounded_weight,
+    compute_epsilon,
+    fixed_denominator,
+    next_clipping_norm,
+    noise_std,
+    noisy_unclipped_fraction,
+    record_steps,
+)
+from strategies.aggregation import TrainReply
+from strategies.weighted_fedavg import StopRun, WeightedFedAvg
+
+logger = get_logger(__name__)
+
+SAMPLING = ("poisson",)
+
+
+def _positive(key: str, value: float) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float) or not (math.isfinite(value) and value > 0):
+        raise ValueError(f"strategy.{key}={value!r}: must be a finite number > 0")
+    return float(value)
+
+
+class DPFedAvg(WeightedFedAvg):
+    """DP-FedAvg (McMahan et al. 2018) with fixed clipping and Poisson sampling.
+
+    Client-level DP: neighbouring federations differ in one client's data.
+    Every round:
+
+    1. each connected node joins independently with probability
+       ``sample_rate`` (Poisson sampling, so accounting may use amplification
+       by sampling);
+    2. the server clips each reply's update (its model minus the global model)
+       to L2 norm ``clipping_norm``, whatever the client did;
+    3. weights are bounded, ``w_k = min(num_examples_k / weight_cap, 1)`` (1
+       for every client when ``weighted=false``);
+    4. the weighted sum of clipped updates is divided by the fixed denominator
+       ``D = sample_rate * num_clients`` (the expected number of sampled
+       clients), so one client moves the average by at most
+       ``clipping_norm / D`` whatever it reports;
+    5. Gaussian noise with std ``noise_multiplier * clipping_norm / D`` is
+       added, then the server learning rate is applied.
+
+    The estimator ``sum_k w_k clip(u_k) / D`` is unbiased for the mean
+    clipped update when every weight is 1; clients with ``num_examples <
+    weight_cap`` count less, which biases the average towards zero by the
+    mean weight. Choose ``weight_cap`` at or below typical client sizes.
+
+    Each round is accounted as one Poisson-sampled Gaussian event with rate
+    ``sample_rate`` and the noise multiplier, whether or not any reply was
+    valid: the noisy model is released either way. A round that would take
+    ``epsilon_user`` past ``max_epsilon`` is not run: the run stops with
+    ``privacy_budget_exhausted``.
+
+    Parameters
+    ----------
+    num_clients : int
+        Population size ``N`` (the number of SuperNodes).
+    sample_rate : float
+        Poisson sampling probability ``q`` in ``(0, 1]``.
+    noise_multiplier : float
+        ``z >= 0`` (0 only for audits: the run is then not private).
+    clipping_norm : float
+        L2 bound on each client's update.
+    weighted : bool
+        Bound weights by ``num_examples / weight_cap``; else every weight is 1.
+    weight_cap : float
+        Examples at which a client's weight reaches 1.
+    target_delta : float
+        Delta of the reported ``epsilon_user``; must be below ``1 / num_clients``.
+    accountant : str
+        ``prv`` (default) or ``rdp``, Opacus' accountants.
+    max_epsilon : float or None
+        Client-level budget; ``None`` for no budget.
+    sampling : str
+        Only ``poisson``: fixed-size sampling is refused because its
+        accounting (replace-one neighbours) is not implemented.
+    sampling_seed, noise_seed : int or None
+        Seeds for reproducible tests and audits. ``None`` (default) draws from
+        the OS: amplification by sampling and the noise itself assume that
+        nobody who sees the model can recompute the sample or the noise, and
+        ``results.json`` publishes the config.
+    **kwargs
+        Passed to :class:`WeightedFedAvg` (``min_available_nodes``,
+        ``server_lr``, ``fraction_evaluate``, ...). Training sampling is
+        Poisson, so ``fraction_train`` and ``min_train_nodes`` do not apply,
+        and ``min_valid_replies`` neither: every round releases a model.
+    """
+
+    def __init__(
+        self,
+        *,
+        num_clients: int,
+        sample_rate: float,
+        noise_multiplier: float,
+        clipping_norm: float,
+        weighted: bool = True,
+        weight_cap: float = 100.0,
+        target_delta: float = 1e-5,
+        accountant: str = "prv",
+        max_epsilon: float | None = None,
+        sampling: str = "poisson",
+        sampling_seed: int | None = None,
+        noise_seed: int | None = None,
+        **kwargs,
+    ) -> None:
+        super().__init__(**kwargs)
+        if sampling not in SAMPLING:
+            raise ValueError(
+                f"strategy.sampling={sampling!r}: only 'poisson' is accounted here "
+                "(fixed-size sampling needs replace-one accounting)"
+            )
+        if isinstance(num_clients, bool) or not isinstance(num_clients, int) or num_clients < 1:
+            raise ValueError(f"strategy.num_clients={num_clients!r}: must be an integer >= 1")
+        if not (isinstance(sample_rate, int | float) and 0 < sample_rate <= 1):
+            raise ValueError(f"strategy.sample_rate={sample_rate!r}: must be in (0, 1]")
+        if not (isinstance(noise_multiplier, int | float) and math.isfinite(noise_multiplier) and noise_multiplier >= 0):
+            raise ValueError(f"strategy.noise_multiplier={noise_multiplier!r}: must be a finite number >= 0")
+        if not (isinstance(target_delta, float) and 0 < target_delta < 1 / num_clients):
+            raise ValueError(
+                f"strategy.target_delta={target_delta!r}: must be in (0, 1/num_clients = {1 / num_clients:g})"
+            )
+        if accountant not in ACCOUNTANTS:
+            raise ValueError(f"strategy.accountant={accountant!r}: must be one of {list(ACCOUNTANTS)}")
+        if max_epsilon is not None:
+            _positive("max_epsilon", max_epsilon)
+        self.num_clients = num_clients
+        self.sample_rate = float(sample_rate)
+        self.noise_multiplier = float(noise_multiplier)
+        self.clipping_norm = _positive("clipping_norm", clipping_norm)
+        self.weighted = bool(weighted)
+        self.weight_cap = _positive("weight_cap", weight_cap)
+        self.target_delta = target_delta
+        self.accountant = accountant
+        self.max_epsilon = max_epsilon
+        self.denominator = fixed_denominator(sample_rate=self.sample_rate, num_clients=num_clients)
+        self.history: list[tuple[float, float, int]] = []
+        self.epsilon_user = 0.0
+        self._sampling_rng = np.random.default_rng(sampling_seed if sampling_seed is not None else secrets.randbits(128))
+        self._noise_rng = np.random.default_rng(noise_seed if noise_seed is not None else secrets.randbits(128))
+        self._round_stats: dict[str, float] = {}
+        if self.noise_multiplier == 0:
+            logger.warning("strategy.noise_multiplier=0: the server adds no noise; this run is NOT private")
+
+    @property
+    def update_noise_multiplier(self) -> float:
+        """Noise multiplier applied to the clipped update sum this round."""
+        return self.noise_multiplier
+
+    def summary(self) -> None:
+        """Log the DP configuration."""
+        super().summary()
+        logger.info(
+            "%s: Poisson q=%g over %d clients, noise_multiplier=%g, clipping_norm=%g, denominator=%g, "
+            "weighted=%s (weight_cap=%g), accountant=%s, target_delta=%g, max_epsilon=%s",
+            type(self).__name__,
+            self.sample_rate,
+            self.num_clients,
+            self.noise_multiplier,
+            self.clipping_norm,
+            self.denominator,
+            self.weighted,
+            self.weight_cap,
+            self.accountant,
+            self.target_delta,
+            self.max_epsilon,
+        )
+
+    def _epsilon_after(self, history: list[tuple[float, float, int]]) -> float:
+        return compute_epsilon(history, delta=self.target_delta, accountant=self.accountant)
+
+    def sample_train_nodes(self, server_round: int, grid: Grid) -> list[int]:
+        """Check the budget, then Poisson-sample the nodes for this round.
+
+        Raises
+        ------
+        StopRun
+            If this round's release would take ``epsilon_user`` past ``max_epsilon``.
+        """
+        if self.max_epsilon is not None:
+            projected = self._epsilon_after(
+                record_steps(self.history, noise_multiplier=self.noise_multiplier, sample_rate=self.sample_rate)
+            )
+            if projected > self.max_epsilon:
+                raise StopRun(
+                    "privacy_budget_exhausted",
+                    f"round {server_round} would bring epsilon_user from {self.epsilon_user:.4g} to "
+                    f"{projected:.4g} > strategy.max_epsilon={self.max_epsilon:g}",
+                )
+        candidates = sorted(self._trainable_nodes(grid))
+        joins = self._sampling_rng.random(len(candidates)) < self.sample_rate
+        return [node for node, joined in zip(candidates, joins, strict=True) if joined]
+
+    def aggregate_updates(self, server_round: int, valid: list[TrainReply]) -> list[np.ndarray]:
+        """Clip, weight, average over the fixed denominator and add noise."""
+        updates = [
+            [client - base for client, base in zip(r.arrays, self._global, strict=True)] for r in valid
+        ]
+        weights = [
+            bounded_weight(r.num_examples, weight_cap=self.weight_cap, weighted=self.weighted) for r in valid
+        ]
+        clipping_norm = self.clipping_norm
+        average, stats = aggregate_clipped(
+            updates, weights, clipping_norm=clipping_norm, denominator=self.denominator, like=self._global
+        )
+        std = noise_std(
+            noise_multiplier=self.update_noise_multiplier, clipping_norm=clipping_norm, denominator=self.denominator
+        )
+        noisy = add_gaussian_noise(average, std=std, rng=self._noise_rng)
+        self._round_stats = {"clipping_norm": clipping_norm, "noise_std": std, "clip_fraction": stats.clip_fraction}
+        self.after_clipping(stats.norms)
+        return [(base + update).astype(base.dtype) for base, update in zip(self._global, noisy, strict=True)]
+
+    def after_clipping(self, norms: tuple[float, ...]) -> None:
+        """Hook for adaptive clipping: see the round's update norms (before clipping)."""
+
+    def releases_update(self, valid: list[TrainReply]) -> bool:
+        """Always: the noisy model is released even when no reply was valid."""
+        return True
+
+    def round_metrics(self, server_round: int) -> dict[str, float]:
+        """Account the round's release and report epsilon, clipping norm and noise."""
+        stats, self._round_stats = self._round_stats, {}
+        if not stats:
+            return {}
+        self.history = record_steps(self.history, noise_multiplier=self.noise_multiplier, sample_rate=self.sample_rate)
+        self.epsilon_user = self._epsilon_after(self.history)
+        return {**stats, "epsilon_user": self.epsilon_user}
+
+    def privacy_summary(self) -> dict[str, float | None]:
+        """Client-level epsilon spent by the run, plus record-level from clients."""
+        summary = super().privacy_summary()
+        return {**summary, "epsilon_user": self.epsilon_user, "delta_user": self.target_delta}
+
+
+class AdaptiveDPFedAvg(DPFedAvg):
+    """DP-FedAvg whose clipping norm tracks a quantile of update norms.
+
+    Andrew et al. 2021: after each round the clipping norm moves
+    geometrically, ``C <- C * exp(-clip_lr * (b - target_quantile))``, where
+    ``b`` is a noisy estimate of the fraction of updates with norm ``<= C``
+    from a count released with Gaussian noise of std
+    ``clipped_count_stddev``. The count costs privacy too: the stated
+    ``noise_multiplier`` ``z`` is the total, split so that
+    ``z^-2 = z_update^-2 + (2 * clipped_count_stddev)^-2``, and each round is
+    accounted as one Gaussian event with ``z``. Noise in a round is calibrated
+    to the clipping norm used in that round; the updated norm applies from the
+    next round on.
+
+    Parameters
+    ----------
+    target_quantile : float
+        Fraction of updates that should fit under the clipping norm.
+    clip_lr : float
+        Geometric learning rate of the clipping norm.
+    clipped_count_stddev : float
+        Std of the noise on the count of unclipped clients, in clients; must
+        exceed ``noise_multiplier / 2``.
+    **kwargs
+        :class:`DPFedAvg` parameters; ``clipping_norm`` is the initial norm.
+    """
+
+    def __init__(
+        self,
+        *,
+        target_quantile: float = 0.5,
+        clip_lr: float = 0.2,
+        clipped_count_stddev: float = 2.0,
+        **kwargs,
+    ) -> None:
+        super().__init__(**kwargs)
+        if not (isinstance(target_quantile, float) and 0 < target_quantile < 1):
+            raise ValueError(f"strategy.target_quantile={target_quantile!r}: must be in (0, 1)")
+        self.target_quantile = target_quantile
+        self.clip_lr = _positive("clip_lr", clip_lr)
+        self.clipped_count_stddev = clipped_count_stddev
+        self._update_noise_multiplier = adaptive_clipping_noise(
+            noise_multiplier=self.noise_multiplier, clipped_count_stddev=clipped_count_stddev
+        )
+
+    @property
+    def update_noise_multiplier(self) -> float:
+        """The update's share of the noise budget (the count takes the rest)."""
+        return self._update_noise_multiplier
+
+    def after_clipping(self, norms: tuple[float, ...]) -> None:
+        """Move the clipping norm towards the target quantile, from a noisy count."""
+        fraction = noisy_unclipped_fraction(
+            norms,
+            clipping_norm=self.clipping_norm,
+            count_stddev=self.clipped_count_stddev if self.noise_multiplier > 0 else 0.0,
+            expected_num_clients=self.denominator,
+            rng=self._noise_rng,
+        )
+        self.clipping_norm = next_clipping_norm(
+            clipping_norm=self.clipping_norm,
+            unclipped_fraction=fraction,
+            target_quantile=self.target_quantile,
+            clip_lr=self.clip_lr,
+        )
+        self._round_stats["unclipped_fraction_noisy"] = fraction
