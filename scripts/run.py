@@ -20,6 +20,7 @@ from pathlib import Path
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
 from hydra.errors import HydraException, MissingConfigException
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
@@ -29,7 +30,7 @@ if str(REPO) not in sys.path:
     # Running from a checkout without `pip install -e .` still finds the packages.
     sys.path.insert(0, str(REPO))
 
-from fedpriv.experiment import load_experiment  # noqa: E402
+from fedpriv.experiment import client_examples, load_experiment  # noqa: E402
 from fedpriv.run_config import ConfigError, build_component, flatten  # noqa: E402
 
 CONFIG_ERROR = 2
@@ -56,6 +57,12 @@ def prepare(cfg: DictConfig, *, output_dir: str):
     experiment = load_experiment(nested)
     build_component(experiment.strategy_config, key="strategy")
     experiment.build_model()
+    try:
+        # Loads the data and partitions it once (cached for the in-process server),
+        # so a missing dataset or an impossible partition fails here, in one line.
+        client_examples(experiment, partition_id=0, num_partitions=experiment.settings.num_clients)
+    except (OSError, ValueError) as exc:
+        raise ConfigError(str(exc)) from exc
     mode = build_component(nested["mode"], key="mode")
     return experiment, mode, flatten(nested)
 
@@ -114,28 +121,75 @@ def check_overrides(args: list[str]) -> None:
     prepare(OmegaConf.create(config), output_dir="unused")
 
 
+def _sweep_size(args: list[str]) -> int:
+    """Number of jobs the command line's sweeps expand to (1 without sweeps)."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    size = 1
+    overrides = [arg for arg in args if "=" in arg and not arg.startswith("-")]
+    for override in OverridesParser.create().parse_overrides(overrides):
+        if override.is_sweep_override() and not override.is_hydra_override():
+            try:
+                size *= len(list(override.sweep_string_iterator()))
+            except HydraException:
+                return 0  # glob() sweeps: Hydra knows, we do not
+    return size
+
+
+FAILED_JOBS: list[str] = []
+
+
+def _fail(message: str, *, output_dir: Path, code: int, multirun: bool) -> None:
+    """End a single run with ``code``; in a sweep, record the failure and go on."""
+    if not multirun:
+        if code == CONFIG_ERROR:
+            print(f"config error: {message}", file=sys.stderr)
+        sys.exit(code)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    (output_dir / "failed.json").write_text(json.dumps({"status": "failed", "error": message}) + "\n")
+    FAILED_JOBS.append(str(output_dir))
+    logger.error("job failed (%s); the sweep goes on", message)
+
+
 @hydra.main(config_path="../conf", config_name="config", version_base="1.3")
 def main(cfg: DictConfig) -> None:
-    """Hydra entry point: validate, run, summarise."""
+    """Hydra entry point: validate, run, summarise (each job of a sweep alike)."""
     # Hydra configures the root logger; flwr has its own handler.
     logging.getLogger("flwr").propagate = False
+    hydra_config = HydraConfig.get()
+    multirun = hydra_config.mode == RunMode.MULTIRUN
+    job_dir = Path(hydra_config.runtime.output_dir)
+    if multirun:
+        total = _sweep_size(sys.argv[1:])
+        logger.info(
+            "sweep job %d of %s: %s",
+            hydra_config.job.num + 1,
+            total or "?",
+            " ".join(hydra_config.overrides.task),
+        )
     try:
-        experiment, mode, run_config = prepare(cfg, output_dir=HydraConfig.get().runtime.output_dir)
+        experiment, mode, run_config = prepare(cfg, output_dir=str(job_dir))
     except ConfigError as exc:
-        print(f"config error: {exc}", file=sys.stderr)
-        sys.exit(CONFIG_ERROR)
+        _fail(str(exc), output_dir=job_dir, code=CONFIG_ERROR, multirun=multirun)
+        return
     output_dir = Path(experiment.settings.output_dir)
-    logger.info("running %d rounds with %d clients; results in %s", experiment.settings.num_rounds,
-                experiment.settings.num_clients, output_dir)
+    logger.info(
+        "running %d rounds with %d clients; results in %s",
+        experiment.settings.num_rounds,
+        experiment.settings.num_clients,
+        output_dir,
+    )
     try:
         mode.run(run_config=run_config, num_supernodes=experiment.settings.num_clients)
-    except Exception:
+    except Exception as exc:
         logger.exception("the run failed; completed rounds are in %s", output_dir)
-        sys.exit(RUN_FAILED)
+        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        _fail(f"run failed: {reason}", output_dir=output_dir, code=RUN_FAILED, multirun=multirun)
+        return
     results_path = output_dir / "results.json"
     if not results_path.exists():
-        logger.error("the run wrote no results.json in %s", output_dir)
-        sys.exit(RUN_FAILED)
+        _fail(f"the run wrote no results.json in {output_dir}", output_dir=output_dir, code=RUN_FAILED, multirun=multirun)
+        return
     final = json.loads(results_path.read_text())["final"] or {}
     logger.info("finished: %s", json.dumps(final))
 
@@ -156,3 +210,6 @@ if __name__ == "__main__":
         main()
     except SystemExit as exc:
         sys.exit(_exit_code_of(exc.code))
+    if FAILED_JOBS:
+        print(f"{len(FAILED_JOBS)} sweep job(s) failed: {', '.join(FAILED_JOBS)}", file=sys.stderr)
+        sys.exit(RUN_FAILED)

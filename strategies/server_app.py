@@ -26,6 +26,19 @@ from strategies.weighted_fedavg import StopRun, WeightedFedAvg
 logger = get_logger(__name__)
 
 app = ServerApp()
+PRIVACY_LOG_FIELDS = ("epsilon_user", "epsilon_record_max")
+
+
+def progress(rounds: list[dict[str, Any]], *, total_rounds: int) -> str:
+    """Elapsed time and an estimate of the time left, from the rounds so far.
+
+    The first round carries the warm-up (actors importing torch), so the
+    estimate uses the later rounds once there are any.
+    """
+    elapsed = sum(row["seconds"] for row in rounds)
+    steady = [row["seconds"] for row in rounds[1:]] or [row["seconds"] for row in rounds]
+    left = (total_rounds - len(rounds)) * sum(steady) / len(steady)
+    return f"elapsed {elapsed:.1f}s, about {left:.1f}s left"
 
 
 def run_experiment(grid: Grid, experiment: Experiment, *, default_output_dir: Path) -> dict[str, Any]:
@@ -57,13 +70,15 @@ def run_experiment(grid: Grid, experiment: Experiment, *, default_output_dir: Pa
             metrics = {**strategy.train_metrics.get(server_round, {}), "test_loss": loss, "test_accuracy": accuracy}
             row = recorder.record_round(server_round=server_round, metrics=metrics, state_dict=state_dict)
             logger.info(
-                "round %d/%d: test accuracy %.4f, %d clients, %d rejected, %.1fs",
+                "round %d/%d: test accuracy %.4f, %d clients, %d rejected, %.1fs%s | %s",
                 server_round,
                 settings.num_rounds,
                 accuracy,
                 row["num_clients"] or 0,
                 row["num_rejected"] or 0,
                 row["seconds"],
+                "".join(f", {key} {row[key]:.3g}" for key in PRIVACY_LOG_FIELDS if row.get(key) is not None),
+                progress(recorder.rounds, total_rounds=settings.num_rounds),
             )
         return MetricRecord({"test_loss": loss, "test_accuracy": accuracy})
 
