@@ -137,7 +137,7 @@ def run_script(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
 @pytest.mark.parametrize(
     ("args", "expected"),
     [
-        (["strategy=nope"], "Could not find 'strategy/nope' (available: fedavg"),
+        (["strategy=nope"], "Could not find 'strategy/nope' (available: dp_adaptive, dp_fixed, fedavg)"),
         (["num_clients=0"], "num_clients=0: must be >= 1"),
         (["partition=dirichlet", "partition.alpha=-1"], "partition.alpha=-1"),
         (["bogus=1"], "Could not override 'bogus'"),
