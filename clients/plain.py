@@ -73,12 +73,19 @@ class PlainTraining:
             raise ValueError(f"client.weight_decay={self.weight_decay}: must be >= 0")
 
     def fit(
-        self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, seed: int, state=None
+        self,
+        model: nn.Module,
+        x: torch.Tensor,
+        y: torch.Tensor,
+        *,
+        seed: int,
+        state=None,
+        planned_rounds: int = 1,
     ) -> TrainOutcome:
         """Train ``model`` in place on ``(x, y)`` for one round.
 
-        ``state`` is the node's persistent ``RecordDict``; plain training keeps
-        nothing in it.
+        ``state`` (the node's persistent ``RecordDict``) and ``planned_rounds``
+        matter to private training only; plain training ignores them.
         """
         generator = torch.Generator().manual_seed(seed)
         optimizer = make_optimizer(

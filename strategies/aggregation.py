@@ -15,10 +15,8 @@ from dataclasses import dataclass
 import numpy as np
 from flwr.app import ArrayRecord, Message
 
-WEIGHT_KEY = "num-examples"
-# A client over its record-level privacy budget replies with metrics only and
-# this key set to 1: a decline, counted apart from rejected replies.
-DECLINED_KEY = "declined"
+from fedpriv.protocol import DECLINED_KEY, WEIGHT_KEY
+
 ArraySpec = dict[str, tuple[tuple[int, ...], np.dtype]]
 
 

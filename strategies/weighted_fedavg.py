@@ -12,6 +12,7 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
 from fedpriv.logs import get_logger
+from fedpriv.protocol import ROUND_KEY
 from strategies.aggregation import (
     ArraySpec,
     RejectedReply,
@@ -191,7 +192,7 @@ class WeightedFedAvg(Strategy):
         *, arrays: ArrayRecord | None, config: ConfigRecord, server_round: int, node_ids: list[int], kind: str
     ) -> list[Message]:
         # A copy: the caller's ConfigRecord is never written into.
-        round_config = ConfigRecord({**dict(config), "server-round": server_round})
+        round_config = ConfigRecord({**dict(config), ROUND_KEY: server_round})
         content = {"config": round_config} if arrays is None else {"arrays": arrays, "config": round_config}
         return [
             Message(content=RecordDict(content), message_type=kind, dst_node_id=node_id)

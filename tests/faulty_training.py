@@ -22,9 +22,9 @@ def is_victim(y: torch.Tensor) -> bool:
 class NaNTraining(PlainTraining):
     """Plain training, except that victim clients reply with NaN weights."""
 
-    def fit(self, model, x, y, *, seed, state=None) -> TrainOutcome:
+    def fit(self, model, x, y, *, seed, state=None, planned_rounds=1) -> TrainOutcome:
         """Train, then poison the weights of victim clients."""
-        outcome = super().fit(model, x, y, seed=seed, state=state)
+        outcome = super().fit(model, x, y, seed=seed, state=state, planned_rounds=planned_rounds)
         if is_victim(y):
             with torch.no_grad():
                 next(model.parameters()).fill_(float("nan"))
