@@ -12,8 +12,10 @@ import torch
 from flwr.app import ArrayRecord, Context, Error, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
+from clients.opacus_training import PrivacyBudgetExhausted
 from fedpriv.experiment import client_examples, experiment_from_run_config
 from fedpriv.logs import get_logger
+from fedpriv.protocol import DECLINED_KEY, ROUND_KEY, WEIGHT_KEY
 from fedpriv.training import evaluate as evaluate_model
 
 logger = get_logger(__name__)
@@ -39,6 +41,17 @@ def _error_reply(msg: Message, *, code: int, reason: str) -> Message:
     return Message(error=Error(code=code, reason=reason), reply_to=msg)
 
 
+def _decline_reply(msg: Message, *, num_examples: int, exhausted: PrivacyBudgetExhausted) -> Message:
+    # Not an error: the client is healthy, it just may not spend more privacy.
+    metrics = {
+        WEIGHT_KEY: num_examples,
+        DECLINED_KEY: 1,
+        "epsilon": exhausted.epsilon,
+        "delta": exhausted.delta,
+    }
+    return Message(content=RecordDict({"metrics": MetricRecord(metrics)}), reply_to=msg)
+
+
 def _prepare(msg: Message, context: Context):
     """Rebuild the experiment, this node's data and the global model from ``msg``."""
     experiment = experiment_from_run_config(context.run_config)
@@ -58,13 +71,18 @@ def train(msg: Message, context: Context) -> Message:
         experiment, partition_id, model, x, y = _prepare(msg, context)
     except (OSError, ValueError) as exc:
         return _error_reply(msg, code=DATA_ERROR, reason=f"client data could not be loaded: {exc}")
-    server_round = int(msg.content["config"]["server-round"])
+    server_round = int(msg.content["config"][ROUND_KEY])
     seed = _round_seed(seed=experiment.settings.seed, server_round=server_round, partition_id=partition_id)
     try:
-        outcome = experiment.client.fit(model, x, y, seed=seed, state=context.state)
+        outcome = experiment.client.fit(
+            model, x, y, seed=seed, state=context.state, planned_rounds=experiment.settings.num_rounds
+        )
+    except PrivacyBudgetExhausted as exhausted:
+        logger.warning("declining round %d: %s", server_round, exhausted)
+        return _decline_reply(msg, num_examples=len(y), exhausted=exhausted)
     except (RuntimeError, ValueError) as exc:
         return _error_reply(msg, code=TRAIN_ERROR, reason=f"local training failed: {exc}")
-    metrics = {"num-examples": outcome.num_examples, "train_loss": outcome.loss, **outcome.metrics}
+    metrics = {WEIGHT_KEY: outcome.num_examples, "train_loss": outcome.loss, **outcome.metrics}
     content = RecordDict(
         {"arrays": ArrayRecord(model.state_dict()), "metrics": MetricRecord(metrics)}
     )
@@ -80,5 +98,5 @@ def evaluate(msg: Message, context: Context) -> Message:
     except (OSError, ValueError) as exc:
         return _error_reply(msg, code=DATA_ERROR, reason=f"client data could not be loaded: {exc}")
     loss, accuracy = evaluate_model(model, x, y)
-    metrics = {"num-examples": len(y), "eval_loss": loss, "eval_accuracy": accuracy}
+    metrics = {WEIGHT_KEY: len(y), "eval_loss": loss, "eval_accuracy": accuracy}
     return Message(content=RecordDict({"metrics": MetricRecord(metrics)}), reply_to=msg)

@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import matplotlib.image
+import pytest
 import torch
 
 from fedpriv.compose import compose_config
@@ -132,3 +133,42 @@ def test_server_budget_stops_the_run_cleanly_with_the_model_saved(tmp_path):
     assert all(row["clipping_norm"] == 1.0 and row["noise_std"] > 0 for row in document["rounds"])
     assert (out / "model.pt").exists()
     assert matplotlib.image.imread(out / "epsilon.png").ndim == 3
+
+
+def test_both_dp_layers_report_and_client_budgets_stop_the_run(tmp_path):
+    # Prepare: 3 IID clients whose sizes give the same sampling and delta; the
+    # record-level budget allows two rounds
+    from fedpriv.privacy import compute_epsilon
+
+    base = ["num_clients=3", "num_rounds=4", "strategy=dp_fixed", "client=opacus"]
+    experiment = load_experiment(compose_config(base))
+    client = experiment.client
+    sizes = [len(client_examples(experiment, partition_id=i, num_partitions=3)[1]) for i in range(3)]
+    settings = {(client.sampling_for(n), client.target_delta_for(n)) for n in sizes}
+    assert len(settings) == 1
+    ((sample_rate, steps), delta), = settings
+    sigma = client.noise_multiplier
+    after = {r: compute_epsilon([(sigma, sample_rate, r * steps)], delta=delta) for r in (1, 2, 3)}
+    budget = (after[2] + after[3]) / 2
+
+    # Execute
+    _, out = run(tmp_path, *base, f"client.max_epsilon={budget}")
+
+    # Assert
+    document = json.loads((out / "results.json").read_text())
+    rounds = document["rounds"]
+    assert [row["num_clients"] for row in rounds] == [3, 3, 0]
+    assert [row["num_declined"] for row in rounds] == [0, 0, 3]
+    assert rounds[0]["epsilon_record_max"] == pytest.approx(after[1], rel=1e-6)
+    assert rounds[1]["epsilon_record_max"] == pytest.approx(after[2], rel=1e-6)
+    assert rounds[2]["epsilon_record_max"] == rounds[1]["epsilon_record_max"] <= budget
+    assert all(row["epsilon_user"] is not None for row in rounds)
+    assert rounds[0]["epsilon_user"] < rounds[1]["epsilon_user"] < rounds[2]["epsilon_user"]
+    final = document["final"]
+    assert final["stopped_reason"] == "privacy_budget_exhausted"
+    assert final["rounds_completed"] == 3
+    assert final["epsilon_record_max"] == rounds[1]["epsilon_record_max"]
+    assert final["delta_record"] == delta
+    assert final["epsilon_user"] == rounds[2]["epsilon_user"]
+    assert final["delta_user"] == 1e-5
+    assert (out / "model.pt").exists()

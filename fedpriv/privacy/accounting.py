@@ -16,7 +16,11 @@ from collections.abc import Mapping, Sequence
 from numbers import Integral, Real
 
 import numpy as np
-from opacus.accountants import IAccountant, create_accountant
+
+from fedpriv.opacus_logging import opacus_logging_contained
+
+with opacus_logging_contained():
+    from opacus.accountants import IAccountant, create_accountant
 
 HistoryEntry = tuple[float, float, int]
 """One run of identical releases: ``(noise_multiplier, sample_rate, steps)``."""

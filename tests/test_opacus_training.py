@@ -1,0 +1,419 @@
+"""Tests for clients.opacus_training: record-level DP-SGD with Opacus."""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import logging
+import math
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import dp_accounting
+import pytest
+import torch
+from flwr.app import RecordDict
+from torch import nn
+
+from clients import opacus_training
+from clients.opacus_training import (
+    GRAD_SAMPLE_MODES,
+    STATE_KEY,
+    OpacusTraining,
+    PrivacyBudgetExhausted,
+)
+from fedpriv.models import CNN28, CNN32, MLP, LogisticRegression
+
+REPO = Path(__file__).resolve().parents[1]
+N = 200
+BATCH = 20  # sample_rate 0.1, 10 steps per epoch
+DIGITS = (1, 8, 8)
+# DESIGN.md section 4: reported epsilon agrees with dp_accounting's PLD within 2%.
+PLD_RTOL = 0.02
+
+
+@contextlib.contextmanager
+def _one_thread():
+    """One intra-op thread, as in the ClientApp (one simulated client per core)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Every test runs on one thread."""
+    with _one_thread():
+        yield
+
+
+def _data(n: int = N, shape=DIGITS, *, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    generator = torch.Generator().manual_seed(seed)
+    x = torch.rand(n, *shape, generator=generator)
+    return x, torch.randint(0, 10, (n,), generator=generator)
+
+
+def _mlp() -> MLP:
+    return MLP(input_shape=DIGITS, num_classes=10, hidden_sizes=(16,))
+
+
+def _training(**overrides) -> OpacusTraining:
+    settings = {"batch_size": BATCH, "noise_multiplier": 1.0, "lr": 0.1, **overrides}
+    return OpacusTraining(**settings)
+
+
+def _train_rounds(training, rounds, *, state, x, y, planned_rounds=1):
+    """Call fit once per round in ``rounds`` with a fresh model, as the ClientApp does."""
+    return [
+        training.fit(_mlp(), x, y, seed=r, state=state, planned_rounds=planned_rounds)
+        for r in rounds
+    ]
+
+
+def _pld_epsilon(*, sample_rate: float, noise_multiplier: float, steps: int, delta: float) -> float:
+    accountant = dp_accounting.pld.PLDAccountant(value_discretization_interval=1e-4)
+    accountant.compose(
+        dp_accounting.SelfComposedDpEvent(
+            dp_accounting.PoissonSampledDpEvent(
+                sample_rate, dp_accounting.GaussianDpEvent(noise_multiplier)
+            ),
+            steps,
+        )
+    )
+    return accountant.get_epsilon(delta)
+
+
+def _stored(state: RecordDict) -> dict:
+    return {
+        key: list(value) if isinstance(value, list) else value
+        for key, value in state[STATE_KEY].items()
+    }
+
+
+@pytest.fixture(scope="module")
+def client_a():
+    """Outcomes and state of a client that trained in rounds 1, 2 and 3."""
+    x, y = _data()
+    state = RecordDict()
+    with _one_thread():
+        outcomes = _train_rounds(_training(), [1, 2, 3], state=state, x=x, y=y)
+    return outcomes, state
+
+
+def test_epsilon_after_three_rounds_matches_pld_and_steps_compose(client_a):
+    # Prepare
+    outcomes, state = client_a
+
+    # Execute
+    metrics = outcomes[-1].metrics
+
+    # Assert
+    expected = _pld_epsilon(sample_rate=0.1, noise_multiplier=1.0, steps=30, delta=1e-5)
+    assert metrics["epsilon"] == pytest.approx(expected, rel=PLD_RTOL)
+    assert (metrics["sample_rate"], metrics["delta"], metrics["steps"]) == (0.1, 1e-5, 30)
+    assert _stored(state)["steps"] == [30]
+    assert [o.metrics["steps"] for o in outcomes] == [10, 20, 30]
+
+
+def test_epsilon_grows_with_each_round_and_depends_only_on_rounds_trained(client_a):
+    # Prepare
+    x, y = _data()
+    eps_a = [o.metrics["epsilon"] for o in client_a[0]]
+
+    # Execute: client B is not sampled in round 2.
+    outcomes_b = _train_rounds(_training(), [1, 3], state=RecordDict(), x=x, y=y)
+    eps_b = [o.metrics["epsilon"] for o in outcomes_b]
+
+    # Assert
+    assert eps_a[0] < eps_a[1] < eps_a[2]
+    assert eps_b[1] == pytest.approx(eps_a[1], rel=1e-9)
+
+
+def test_round_over_budget_is_declined_without_training_or_changing_state(client_a):
+    # Prepare
+    x, y = _data()
+    one_round = client_a[0][0].metrics["epsilon"]
+    training = _training(max_epsilon=one_round * 1.1)
+    state = RecordDict()
+    _train_rounds(training, [0], state=state, x=x, y=y)
+    before = _stored(state)
+    model = _mlp()
+    weights = {k: v.clone() for k, v in model.state_dict().items()}
+
+    # Execute
+    with pytest.raises(PrivacyBudgetExhausted) as declined:
+        training.fit(model, x, y, seed=1, state=state)
+
+    # Assert
+    assert _stored(state) == before
+    assert all(torch.equal(weights[k], v) for k, v in model.state_dict().items())
+    assert declined.value.epsilon == pytest.approx(one_round, rel=1e-9)
+    assert declined.value.projected_epsilon > training.max_epsilon
+    assert declined.value.delta == 1e-5
+    assert "client.max_epsilon" in str(declined.value)
+
+
+def test_target_epsilon_is_solved_once_and_met_after_the_planned_rounds(caplog):
+    # Prepare
+    x, y = _data()
+    training = _training(noise_multiplier=None, target_epsilon=3.0)
+    state = RecordDict()
+
+    # Execute
+    with caplog.at_level(logging.INFO, logger="flwr"):
+        outcomes = _train_rounds(training, range(3), state=state, x=x, y=y, planned_rounds=3)
+
+    # Assert
+    sigmas = {o.metrics["noise_multiplier"] for o in outcomes}
+    assert len(sigmas) == 1
+    assert _stored(state)["noise_multiplier"] == sigmas.pop()
+    assert sum("solved for target_epsilon" in r.getMessage() for r in caplog.records) == 1
+    assert 0.95 * 3.0 <= outcomes[-1].metrics["epsilon"] <= 3.0
+
+
+def test_default_target_delta_is_below_one_over_n_and_logged_once(caplog):
+    # Prepare
+    small, large = _data(50), _data(20_000, shape=(1, 2, 2))
+    training = _training(batch_size=5_000)
+    state = RecordDict()
+
+    # Execute
+    with caplog.at_level(logging.INFO, logger="flwr"):
+        small_delta = [
+            training.fit(_mlp(), *small, seed=r, state=state).metrics["delta"] for r in range(2)
+        ]
+    large_model = MLP(input_shape=(1, 2, 2), num_classes=10, hidden_sizes=(4,))
+    large_delta = training.fit(large_model, *large, seed=0, state=RecordDict()).metrics["delta"]
+
+    # Assert
+    assert small_delta == [1e-5, 1e-5]
+    assert large_delta == pytest.approx(1 / (10 * 20_000)) and large_delta < 1 / 20_000
+    logged = "client with n=50 examples: target_delta=1e-05"
+    assert sum(logged in record.getMessage() for record in caplog.records) == 1
+
+
+@pytest.mark.parametrize(
+    ("settings", "needle"),
+    [
+        (
+            {"noise_multiplier": 1.0, "target_epsilon": 3.0},
+            "client.noise_multiplier=1.0 and client.target_epsilon=3.0: set exactly one",
+        ),
+        (
+            {"noise_multiplier": None},
+            "client.noise_multiplier=None and client.target_epsilon=None: set exactly one",
+        ),
+        ({"accountant": "gdp"}, "client.accountant='gdp'"),
+        ({"grad_sample_mode": "ghost_fsdp"}, "client.grad_sample_mode='ghost_fsdp'"),
+        ({"target_delta": 1.5}, "client.target_delta=1.5"),
+        ({"max_grad_norm": 0.0}, "client.max_grad_norm=0.0"),
+        ({"max_epsilon": -1.0}, "client.max_epsilon=-1.0"),
+        ({"batch_size": 0}, "client.batch_size=0"),
+        ({"optimizer": "rmsprop"}, "client.optimizer='rmsprop'"),
+    ],
+)
+def test_invalid_settings_raise_one_line_naming_the_key(settings, needle):
+    # Execute
+    with pytest.raises(ValueError) as error:
+        _training(**settings)
+
+    # Assert
+    assert needle in str(error.value)
+    assert "\n" not in str(error.value)
+
+
+def test_target_delta_not_below_one_over_n_is_rejected_at_fit():
+    # Prepare
+    x, y = _data()
+    training = _training(target_delta=1 / N)
+    state = RecordDict()
+
+    # Execute
+    rule = r"client.target_delta=0.005: must be < 1/n = 0.005 for a client with n=200 examples"
+    with pytest.raises(ValueError, match=rule):
+        training.fit(_mlp(), x, y, seed=0, state=state)
+
+    # Assert
+    assert STATE_KEY not in state
+
+
+@pytest.mark.skipif(
+    importlib.util.find_spec("torchcsprng") is not None, reason="torchcsprng is installed"
+)
+def test_secure_mode_without_torchcsprng_is_refused_naming_the_package():
+    # Execute / Assert
+    with pytest.raises(ValueError, match=r"client.secure_mode=True: .*torchcsprng"):
+        _training(secure_mode=True)
+
+
+def test_model_with_batchnorm_is_rejected_naming_the_layer():
+    # Prepare
+    model = nn.Sequential(nn.Flatten(), nn.Linear(64, 16), nn.BatchNorm1d(16), nn.Linear(16, 10))
+    x, y = _data()
+
+    # Execute
+    with pytest.raises(ValueError) as error:
+        _training().fit(model, x, y, seed=0, state=RecordDict())
+
+    # Assert
+    assert "2 (BatchNorm1d)" in str(error.value)
+    assert "\n" not in str(error.value)
+
+
+def test_trained_model_keeps_plain_keys_changes_and_carries_no_opacus_residue():
+    # Prepare
+    x, y = _data()
+    x_before, y_before = x.clone(), y.clone()
+    model = _mlp()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    flwr_level = logging.getLogger("flwr").level
+
+    # Execute
+    _training().fit(model, x, y, seed=0, state=RecordDict())
+
+    # Assert
+    after = model.state_dict()
+    assert list(after) == list(before)
+    assert all(not torch.equal(before[k], after[k]) for k in before)
+    assert logging.getLogger("flwr").level == flwr_level
+    assert torch.equal(x, x_before) and torch.equal(y, y_before)
+    for module in model.modules():
+        assert not (module._forward_hooks or module._backward_hooks)
+        assert not hasattr(module, "autograd_grad_sample_hooks")
+    for param in model.parameters():
+        assert not {"grad_sample", "summed_grad", "_forward_counter"} & set(vars(param))
+    # A second fit attaches Opacus to the same model again.
+    _training().fit(model, x, y, seed=1, state=RecordDict())
+
+
+def test_same_seed_gives_the_same_model():
+    # Prepare
+    x, y = _data()
+    first, second = _mlp(), _mlp()
+    second.load_state_dict(first.state_dict())
+
+    # Execute
+    for model in (first, second):
+        _training().fit(model, x, y, seed=7, state=RecordDict())
+
+    # Assert
+    pairs = zip(first.state_dict().values(), second.state_dict().values(), strict=True)
+    assert all(torch.equal(a, b) for a, b in pairs)
+
+
+MODE_MODELS = {
+    "mlp": (lambda: MLP(input_shape=DIGITS, num_classes=10, hidden_sizes=(16,)), DIGITS, 30),
+    "cnn28": (
+        lambda: CNN28(input_shape=(1, 28, 28), num_classes=10, channels=(4, 8), groups=2),
+        (1, 28, 28),
+        12,
+    ),
+}
+# One expected example per batch, so that some Poisson batches are empty.
+MODE_SETTINGS = {"batch_size": 1, "lr": 0.05}
+
+
+@pytest.fixture(scope="module")
+def hooks_reference():
+    """Per model name: initial and trained weights under grad_sample_mode=hooks."""
+    references = {}
+    for name, (build, shape, n) in MODE_MODELS.items():
+        model = build()
+        initial = {k: v.clone() for k, v in model.state_dict().items()}
+        with _one_thread():
+            _training(grad_sample_mode="hooks", **MODE_SETTINGS).fit(
+                model, *_data(n, shape), seed=3, state=RecordDict()
+            )
+        references[name] = (initial, model.state_dict())
+    return references
+
+
+@pytest.mark.parametrize("mode", [m for m in GRAD_SAMPLE_MODES if m != "hooks"])
+@pytest.mark.parametrize("name", MODE_MODELS)
+def test_every_grad_sample_mode_trains_a_round_with_empty_batches_like_hooks(
+    mode, name, hooks_reference, monkeypatch
+):
+    # Prepare
+    build, shape, n = MODE_MODELS[name]
+    initial, expected = hooks_reference[name]
+    model = build()
+    model.load_state_dict(initial)
+    empty_batches = []
+    stage = opacus_training._stage_empty_batch
+    monkeypatch.setattr(
+        opacus_training,
+        "_stage_empty_batch",
+        lambda optimizer, *, ghost: empty_batches.append(1) or stage(optimizer, ghost=ghost),
+    )
+
+    # Execute
+    outcome = _training(grad_sample_mode=mode, **MODE_SETTINGS).fit(
+        model, *_data(n, shape), seed=3, state=RecordDict()
+    )
+
+    # Assert
+    assert empty_batches
+    assert outcome.metrics["steps"] == n
+    assert all(math.isfinite(float(v)) for v in (outcome.loss, *outcome.metrics.values()))
+    for key, value in model.state_dict().items():
+        torch.testing.assert_close(value, expected[key], rtol=1e-3, atol=1e-3)
+
+
+@pytest.mark.parametrize(
+    ("build", "shape"),
+    [
+        (lambda: LogisticRegression(input_shape=(30,), num_classes=2), (30,)),
+        (
+            lambda: CNN32(input_shape=(3, 32, 32), num_classes=10, channels=(4, 8, 8), groups=2),
+            (3, 32, 32),
+        ),
+    ],
+    ids=["logreg", "cnn32"],
+)
+def test_default_mode_trains_the_other_models(build, shape):
+    # Prepare
+    x, y = _data(20, shape)
+
+    # Execute
+    outcome = OpacusTraining(noise_multiplier=1.0, batch_size=10).fit(
+        build(), x, y % 2, seed=0, state=RecordDict()
+    )
+
+    # Assert
+    assert outcome.metrics["steps"] == 2
+
+
+def test_importing_and_training_leave_logging_as_it_was():
+    # Prepare: a fresh interpreter, where Opacus is not imported yet.
+    script = textwrap.dedent(
+        """
+        import logging, sys, torch
+        torch.set_num_threads(1)
+        from flwr.app import RecordDict
+        import clients.opacus_training as ot
+        assert "opacus" not in sys.modules, "importing the module imported opacus"
+        from fedpriv.models import MLP
+        root, flwr_logger = logging.getLogger(), logging.getLogger("flwr")
+        before = (list(root.handlers), flwr_logger.level, flwr_logger.propagate)
+        training = ot.OpacusTraining(noise_multiplier=1.0)
+        x, y = torch.rand(40, 1, 8, 8), torch.randint(0, 10, (40,))
+        training.fit(MLP(input_shape=(1, 8, 8), num_classes=10), x, y, seed=0, state=RecordDict())
+        assert "opacus" in sys.modules
+        assert (list(root.handlers), flwr_logger.level, flwr_logger.propagate) == before
+        flwr_logger.debug("fedpriv-debug-marker")
+        """
+    )
+
+    # Execute
+    result = subprocess.run(
+        [sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True, timeout=120
+    )
+
+    # Assert
+    assert result.returncode == 0, result.stderr
+    assert "fedpriv-debug-marker" not in result.stderr + result.stdout
