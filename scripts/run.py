@@ -186,6 +186,9 @@ def main(cfg: DictConfig) -> None:
         reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         _fail(f"run failed: {reason}", output_dir=output_dir, code=RUN_FAILED, multirun=multirun)
         return
+    if not getattr(mode, "results_local", True):
+        logger.info("finished: results are on the SuperLink host under %s", output_dir)
+        return
     results_path = output_dir / "results.json"
     if not results_path.exists():
         _fail(f"the run wrote no results.json in {output_dir}", output_dir=output_dir, code=RUN_FAILED, multirun=multirun)

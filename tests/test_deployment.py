@@ -1,0 +1,181 @@
+"""Deployment: `mode=deployment` against real SuperLink/SuperNode processes on 127.0.0.1.
+
+The local launcher (scripts/federation.py) starts the processes; every test
+stops them in a `finally` and checks that none of them (nor anything Flower
+spawned under them) is left running. Each message starts a `flwr-clientapp`
+process that imports torch, and Flower polls every 3 s, so a round takes
+about 15 s here.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+import tomllib
+from pathlib import Path
+
+import pytest
+
+from fedpriv.deployment import DeploymentMode
+
+REPO = Path(__file__).resolve().parents[1]
+_spec = importlib.util.spec_from_file_location("fedpriv_federation", REPO / "scripts" / "federation.py")
+federation = importlib.util.module_from_spec(_spec)
+sys.modules[_spec.name] = federation  # dataclasses look their module up there
+_spec.loader.exec_module(federation)
+
+
+def run_experiment(tmp_path: Path, *overrides: str, name: str = "run") -> tuple[subprocess.CompletedProcess, Path]:
+    out = tmp_path / name
+    result = subprocess.run(
+        [sys.executable, str(REPO / "scripts" / "run.py"), f"output_dir={out}", *overrides],
+        capture_output=True,
+        text=True,
+        timeout=240,
+        cwd=tmp_path,
+        env={**os.environ, "FLWR_TELEMETRY_ENABLED": "0"},
+    )
+    return result, out
+
+
+def assert_completed_rounds(result: subprocess.CompletedProcess, out: Path, *, rounds: int) -> None:
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    document = json.loads((out / "results.json").read_text())
+    assert [row["round"] for row in document["rounds"]] == list(range(1, rounds + 1))
+    assert all(row["num_clients"] == 2 and row["num_rejected"] == 0 for row in document["rounds"])
+    assert document["final"]["rounds_completed"] == rounds
+    assert document["final"]["stopped_reason"] == "completed"
+    assert document["config"]["mode"]["_target_"] == "fedpriv.deployment.DeploymentMode"
+
+
+def stop_and_assert_gone(directory: Path, started: list[int]) -> None:
+    """Stop the federation; nothing it or Flower started may be left running."""
+    spawned = federation._descendants(started)
+    federation.stop_federation(directory)
+    left = [pid for pid in [*started, *spawned] if federation.is_running(pid)]
+    assert left == [], f"still running: {left}"
+    assert list(directory.glob("*.pid")) == []
+
+
+EXPERIMENT = ["num_clients=2", "num_rounds=2", "client.local_epochs=1"]
+
+
+def test_two_rounds_on_a_local_insecure_federation_then_a_failing_run(tmp_path):
+    # Prepare
+    directory = tmp_path / "federation"
+    fed = federation.start_federation(directory, 2)
+    started = fed.pids
+    try:
+        assert (directory / "address").read_text().strip() == fed.address
+        assert all(federation.is_running(pid) for pid in started)
+
+        # Execute
+        result, out = run_experiment(tmp_path, *fed.mode_overrides(), *EXPERIMENT)
+
+        # Assert
+        assert_completed_rounds(result, out, rounds=2)
+
+        # Execute: a ServerApp that raises (it waits for a third node that never comes);
+        # `flwr run --stream` would exit 0 here, the run's status must not
+        failing, _ = run_experiment(
+            tmp_path,
+            *fed.mode_overrides(),
+            *EXPERIMENT,
+            "strategy.min_available_nodes=3",
+            "strategy.node_wait_seconds=1",
+            "mode.stream=false",  # the status is polled instead
+            name="failing",
+        )
+
+        # Assert
+        assert failing.returncode == 3, failing.stdout[-2000:] + failing.stderr[-2000:]
+        assert "finished:failed" in failing.stdout + failing.stderr
+    finally:
+        stop_and_assert_gone(directory, started)
+
+
+def test_a_round_over_tls_with_supernode_authentication(tmp_path):
+    # Prepare: one round only, to keep this file short; the rounds loop is the same as above
+    directory = tmp_path / "federation"
+    fed = federation.start_federation(directory, 2, tls=True, auth=True)
+    started = fed.pids
+    try:
+        assert not fed.insecure and Path(fed.root_certificates).is_file()
+        assert fed.auth and sorted(p.name for p in (directory / "keys").glob("*.pub")) == [
+            "supernode-0.pub",
+            "supernode-1.pub",
+        ]
+
+        # Execute
+        result, out = run_experiment(tmp_path, *fed.mode_overrides(), "num_clients=2", "num_rounds=1",
+                                     "client.local_epochs=1")
+
+        # Assert
+        assert f"mode.root_certificates={fed.root_certificates}" in fed.mode_overrides()
+        assert_completed_rounds(result, out, rounds=1)
+    finally:
+        stop_and_assert_gone(directory, started)
+
+
+def test_an_unreachable_superlink_fails_the_run(tmp_path):
+    # Prepare: a port nobody listens on
+    (port,) = federation._free_ports(1)
+    mode = DeploymentMode(address=f"127.0.0.1:{port}", insecure=True)
+
+    # Execute / Assert
+    with pytest.raises(RuntimeError, match="could not start the run"):
+        mode.run(run_config={"num-clients": 2, "num-rounds": 1}, num_supernodes=2)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        ({"address": "nohost"}, "mode.address='nohost'"),
+        ({"address": "127.0.0.1:70000", "insecure": True}, "port must be in 1..65535"),
+        ({"address": "127.0.0.1:9093"}, "mode.root_certificates=null"),
+        ({"address": "127.0.0.1:9093", "insecure": True, "root_certificates": "/ca.crt"}, "exactly one"),
+        ({"address": "127.0.0.1:9093", "root_certificates": "/no/such/ca.crt"}, "file not found"),
+        ({"address": "127.0.0.1:9093", "insecure": True, "timeout_seconds": 0}, "mode.timeout_seconds=0"),
+    ],
+)
+def test_bad_mode_settings_name_the_key(overrides, message):
+    with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(".", r"\.")):
+        DeploymentMode(**overrides)
+
+
+def test_the_cli_connection_is_written_for_flower(tmp_path):
+    # Prepare
+    ca = tmp_path / "ca.crt"
+    ca.write_text("not checked here")
+
+    # Execute
+    secure = tomllib.loads(
+        DeploymentMode(address="[::1]:9093", root_certificates=str(ca)).write_flwr_config(tmp_path / "a").read_text()
+    )
+    insecure = tomllib.loads(
+        DeploymentMode(address="localhost:9093", insecure=True).write_flwr_config(tmp_path / "b").read_text()
+    )
+
+    # Assert
+    assert secure["superlink"]["default"] == "fedpriv"
+    assert secure["superlink"]["fedpriv"] == {"address": "[::1]:9093", "root-certificates": str(ca.resolve())}
+    assert insecure["superlink"]["fedpriv"] == {"address": "localhost:9093", "insecure": True}
+
+
+def test_start_refuses_auth_without_tls_and_no_supernodes(tmp_path):
+    with pytest.raises(federation.FederationError, match="needs TLS"):
+        federation.start_federation(tmp_path, 1, auth=True)
+    with pytest.raises(federation.FederationError, match="num_supernodes=0"):
+        federation.start_federation(tmp_path, 0)
+
+
+@pytest.mark.parametrize(
+    ("address", "local"),
+    [("127.0.0.1:9093", True), ("localhost:9093", True), ("[::1]:9093", True), ("10.0.0.5:9093", False),
+     ("superlink.example.org:9093", False)],
+)
+def test_results_are_local_only_with_a_loopback_superlink(address, local):
+    assert DeploymentMode(address=address, insecure=True).results_local is local
