@@ -65,14 +65,42 @@ def _one_line(text: str) -> str:
     return " ".join(line for line in lines if line and not line.startswith("Using SuperLink"))
 
 
-def _flwr_executable() -> list[str]:
-    candidate = Path(sys.executable).parent / "flwr"
+def flower_command(name: str) -> str:
+    """Path of a Flower console script (``flwr``, ``flower-superlink``, ...) of this environment.
+
+    Raises
+    ------
+    RuntimeError
+        If it is neither next to this Python nor on ``PATH``.
+    """
+    candidate = Path(sys.executable).parent / name
     if candidate.exists():
-        return [str(candidate)]
-    found = shutil.which("flwr")
+        return str(candidate)
+    found = shutil.which(name)
     if found is None:
-        raise RuntimeError(f"the flwr CLI was not found next to {sys.executable} or on PATH")
-    return [found]
+        raise RuntimeError(f"{name} not found next to {sys.executable} or on PATH (is flwr installed?)")
+    return found
+
+
+def flwr_json(args: list[str], *, env: dict[str, str], timeout: float = 120.0) -> dict:
+    """Run ``flwr ARGS --format json`` and return its JSON document.
+
+    A command that prints no JSON gives ``{"success": false, "error-message": ...}``
+    with what it printed, so callers handle one shape.
+    """
+    result = subprocess.run(
+        [flower_command("flwr"), *args, "--format", "json"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )
+    try:
+        return json.loads(result.stdout)
+    except json.JSONDecodeError:
+        detail = _ANSI.sub("", (result.stdout + result.stderr).strip())
+        return {"success": False, "error-message": detail or f"exit code {result.returncode}"}
 
 
 def stage_deployment_app(run_config: dict[str, Scalar], directory: Path) -> Path:
@@ -205,25 +233,9 @@ class DeploymentMode:
             "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
         }
 
-    def _flwr(self, args: list[str], *, env: dict[str, str], timeout: float = 120.0) -> dict:
-        """Run ``flwr ARGS --format json`` and return its JSON document."""
-        result = subprocess.run(
-            [*_flwr_executable(), *args, "--format", "json"],
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=timeout,
-            check=False,
-        )
-        try:
-            return json.loads(result.stdout)
-        except json.JSONDecodeError:
-            detail = _ANSI.sub("", (result.stdout + result.stderr).strip())
-            return {"success": False, "error-message": detail or f"exit code {result.returncode}"}
-
     def run_status(self, run_id: int, *, env: dict[str, str]) -> tuple[str, str]:
         """``(status, details)`` of run ``run_id`` per ``flwr ls --run-id``."""
-        doc = self._flwr(["ls", "--run-id", str(run_id)], env=env)
+        doc = flwr_json(["ls", "--run-id", str(run_id)], env=env)
         if not doc.get("success") or not doc.get("runs"):
             message = _one_line(str(doc.get("error-message") or doc))
             raise RuntimeError(f"could not read the status of run {run_id}: {message}")
@@ -280,7 +292,7 @@ class DeploymentMode:
 
     def _report_nodes(self, expected: int, *, env: dict[str, str]) -> None:
         """Log how many SuperNodes are online (the run itself decides whether enough are)."""
-        doc = self._flwr(["supernode", "ls"], env=env)
+        doc = flwr_json(["supernode", "ls"], env=env)
         if not doc.get("success"):
             return  # `flwr run` reports an unreachable SuperLink in one line
         online = sum(1 for node in doc.get("nodes", []) if node.get("status") == "online")
@@ -297,7 +309,7 @@ class DeploymentMode:
 
     def _submit(self, app_dir: Path, *, env: dict[str, str]) -> int:
         """``flwr run`` the staged app; returns the run id."""
-        doc = self._flwr(["run", str(app_dir), CONNECTION], env=env, timeout=300.0)
+        doc = flwr_json(["run", str(app_dir), CONNECTION], env=env, timeout=300.0)
         if not doc.get("success") or doc.get("run-id") is None:
             message = _one_line(str(doc.get("error-message") or doc))
             raise RuntimeError(f"flwr run could not start the run on {self.address}: {message}")
@@ -313,7 +325,7 @@ class DeploymentMode:
             remaining = None if self.timeout_seconds is None else self.timeout_seconds
             try:
                 subprocess.run(
-                    [*_flwr_executable(), "log", str(run_id), CONNECTION, "--stream"],
+                    [flower_command("flwr"), "log", str(run_id), CONNECTION, "--stream"],
                     env=env,
                     stdin=subprocess.DEVNULL,
                     timeout=remaining,
@@ -337,7 +349,7 @@ class DeploymentMode:
     def _stop(self, run_id: int, *, env: dict[str, str]) -> None:
         try:
             subprocess.run(
-                [*_flwr_executable(), "stop", str(run_id), CONNECTION],
+                [flower_command("flwr"), "stop", str(run_id), CONNECTION],
                 env=env,
                 capture_output=True,
                 timeout=60,

@@ -41,7 +41,6 @@ import datetime
 import ipaddress
 import json
 import os
-import shutil
 import signal
 import socket
 import subprocess
@@ -50,6 +49,13 @@ import time
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:
+    # Running from a checkout without `pip install -e .` still finds the packages.
+    sys.path.insert(0, str(REPO))
+
+from fedpriv.deployment import flower_command, flwr_json  # noqa: E402
 
 HOST = "127.0.0.1"
 STATE_FILE = "federation.json"
@@ -127,13 +133,10 @@ class Federation:
 
 def _bin(name: str) -> str:
     """A Flower console script of this Python environment."""
-    candidate = Path(sys.executable).parent / name
-    if candidate.exists():
-        return str(candidate)
-    found = shutil.which(name)
-    if found is None:
-        raise FederationError(f"{name} not found next to {sys.executable} or on PATH (is flwr installed?)")
-    return found
+    try:
+        return flower_command(name)
+    except RuntimeError as exc:
+        raise FederationError(str(exc)) from exc
 
 
 def _env(flwr_home: Path) -> dict[str, str]:
@@ -369,19 +372,8 @@ def write_cli_config(flwr_home: Path, *, address: str, insecure: bool, root_cert
 
 
 def _flwr_json(args: list[str], *, flwr_home: Path, timeout: float = 60.0) -> dict:
-    """Run ``flwr ARGS --format json`` and return its JSON document."""
-    result = subprocess.run(
-        [_bin("flwr"), *args, "--format", "json"],
-        env=_env(flwr_home),
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        check=False,
-    )
-    try:
-        return json.loads(result.stdout)
-    except json.JSONDecodeError:
-        return {"success": False, "error-message": (result.stdout + result.stderr).strip()}
+    """Run ``flwr ARGS --format json`` against the launcher's own FLWR_HOME."""
+    return flwr_json(args, env=_env(flwr_home), timeout=timeout)
 
 
 def online_supernodes(flwr_home: Path) -> int | None:

@@ -49,6 +49,9 @@ def assert_completed_rounds(result: subprocess.CompletedProcess, out: Path, *, r
     assert document["final"]["rounds_completed"] == rounds
     assert document["final"]["stopped_reason"] == "completed"
     assert document["config"]["mode"]["_target_"] == "fedpriv.deployment.DeploymentMode"
+    if document["config"]["client"]["_target_"] == "clients.OpacusTraining":
+        epsilons = [row["epsilon_record_max"] for row in document["rounds"]]
+        assert all(e is not None for e in epsilons) and epsilons == sorted(set(epsilons))
 
 
 def stop_and_assert_gone(directory: Path, started: list[int]) -> None:
@@ -60,7 +63,9 @@ def stop_and_assert_gone(directory: Path, started: list[int]) -> None:
     assert list(directory.glob("*.pid")) == []
 
 
-EXPERIMENT = ["num_clients=2", "num_rounds=2", "client.local_epochs=1"]
+# A private config: record-level DP on the clients, so their accountant state
+# must persist across the two rounds in the SuperNodes' processes.
+EXPERIMENT = ["num_clients=2", "num_rounds=2", "client=opacus"]
 
 
 def test_two_rounds_on_a_local_insecure_federation_then_a_failing_run(tmp_path):
@@ -97,8 +102,8 @@ def test_two_rounds_on_a_local_insecure_federation_then_a_failing_run(tmp_path):
         stop_and_assert_gone(directory, started)
 
 
-def test_a_round_over_tls_with_supernode_authentication(tmp_path):
-    # Prepare: one round only, to keep this file short; the rounds loop is the same as above
+def test_two_rounds_over_tls_with_supernode_authentication(tmp_path):
+    # Prepare
     directory = tmp_path / "federation"
     fed = federation.start_federation(directory, 2, tls=True, auth=True)
     started = fed.pids
@@ -110,12 +115,11 @@ def test_a_round_over_tls_with_supernode_authentication(tmp_path):
         ]
 
         # Execute
-        result, out = run_experiment(tmp_path, *fed.mode_overrides(), "num_clients=2", "num_rounds=1",
-                                     "client.local_epochs=1")
+        result, out = run_experiment(tmp_path, *fed.mode_overrides(), *EXPERIMENT)
 
         # Assert
         assert f"mode.root_certificates={fed.root_certificates}" in fed.mode_overrides()
-        assert_completed_rounds(result, out, rounds=1)
+        assert_completed_rounds(result, out, rounds=2)
     finally:
         stop_and_assert_gone(directory, started)
 
