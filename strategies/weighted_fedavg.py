@@ -8,6 +8,7 @@ from collections.abc import Iterable
 
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
+from flwr.common.constant import ErrorCode
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
@@ -71,6 +72,22 @@ class WeightedFedAvg(Strategy):
     again; once every node has declined the run stops with
     ``privacy_budget_exhausted``.
 
+    Nodes that leave. ``min_available_nodes`` is a start condition only: the
+    first round waits (at most ``node_wait_seconds``) until that many nodes
+    are connected. Every later round samples from the nodes connected at that
+    moment, however few, and logs a WARNING when nodes have gone since the
+    last look; it waits (again at most ``node_wait_seconds``) only when none
+    is connected. A node that dies while it holds a round's message leaves
+    no reply: Flower 1.42 answers for it with a "node unavailable" error once
+    the SuperNode has missed its heartbeats (2 x 30 s after its last one), or
+    the round ends at ``round_timeout`` without it. Each round's metrics make
+    this visible: ``num_available`` (nodes connected when the round sampled),
+    ``num_lost_nodes`` (nodes connected earlier in the run that are gone by
+    then), ``num_sampled`` and ``num_unreachable`` (sampled nodes with no
+    reply: a "node unavailable" error or nothing by ``round_timeout``), so
+    ``num_sampled = num_clients + num_rejected + num_declined +
+    num_unreachable``.
+
     Parameters
     ----------
     fraction_train : float
@@ -78,7 +95,8 @@ class WeightedFedAvg(Strategy):
     min_train_nodes : int
         Lower bound on the number of nodes sampled for training.
     min_available_nodes : int
-        Nodes that must be connected before a round starts.
+        Nodes that must be connected before the first round starts; later
+        rounds go on with the nodes that are left.
     fraction_evaluate : float
         Fraction of nodes asked for federated evaluation (0 turns it off; the
         server always evaluates the global model on its own test split).
@@ -91,7 +109,8 @@ class WeightedFedAvg(Strategy):
     seed : int
         Seed of the node sampling (per round, over the sorted node ids).
     node_wait_seconds : float
-        How long to wait for ``min_available_nodes`` before failing.
+        How long to wait for ``min_available_nodes`` before the first round,
+        and for at least one node in a later round, before failing.
     """
 
     def __init__(
@@ -131,7 +150,13 @@ class WeightedFedAvg(Strategy):
         self.declined_nodes: set[int] = set()
         self.record_epsilon: dict[int, float] = {}
         self.record_delta: float | None = None
-        self._known_nodes: set[int] = set()
+        self._known_nodes: set[int] = set()  # every node seen connected in this run
+        self._started = False  # min_available_nodes was reached once
+        self._last_nodes: set[int] = set()  # connected at the last look
+        self._node_counts: dict[str, int] = {}  # num_available / num_lost_nodes at the last look
+        self._round_nodes: dict[int, dict[str, int]] = {}  # per round, from configure_train
+        self._round_sampled: dict[int, list[int]] = {}  # the nodes sent each round's model
+        self._round = 0
         self._global: list[np.ndarray] = []
         self._spec: ArraySpec = {}
 
@@ -151,16 +176,59 @@ class WeightedFedAvg(Strategy):
         )
 
     def _connected_nodes(self, grid: Grid) -> list[int]:
+        """The nodes connected now (sorted), waiting while there are too few.
+
+        Until ``min_available_nodes`` have been connected once (the start
+        condition), waits for that many; afterwards only for at least one
+        (none with ``min_available_nodes=0``). Records ``num_available`` and
+        ``num_lost_nodes`` and logs a WARNING naming the nodes that have gone
+        since the last look.
+
+        Raises
+        ------
+        RuntimeError
+            When too few nodes are connected for ``node_wait_seconds``.
+        """
+        needed = min(self.min_available_nodes, 1) if self._started else self.min_available_nodes
         deadline = time.monotonic() + self.node_wait_seconds
-        while len(nodes := list(grid.get_node_ids())) < self.min_available_nodes:
+        while len(nodes := sorted(grid.get_node_ids())) < needed:
             if time.monotonic() > deadline:
+                if self._started:
+                    raise RuntimeError(
+                        f"no node connected for {self.node_wait_seconds:.0f}s: all "
+                        f"{len(self._known_nodes)} nodes of this run are gone (strategy.node_wait_seconds)"
+                    )
                 raise RuntimeError(
                     f"only {len(nodes)} nodes connected after {self.node_wait_seconds:.0f}s; "
                     f"strategy.min_available_nodes={self.min_available_nodes}"
                 )
-            logger.info("waiting for nodes: %d of %d connected", len(nodes), self.min_available_nodes)
+            logger.info("waiting for nodes: %d of %d connected", len(nodes), needed)
             time.sleep(1.0)
+        self._started = True
+        self._observe_nodes(set(nodes))
         return nodes
+
+    def _observe_nodes(self, connected: set[int]) -> None:
+        lost = sorted(self._last_nodes - connected)
+        if lost:
+            logger.warning(
+                "round %d: %d node(s) lost since the last round (%s); going on with the %d connected",
+                self._round,
+                len(lost),
+                ", ".join(map(str, lost)),
+                len(connected),
+            )
+        joined = connected - self._known_nodes
+        if joined and self._known_nodes:
+            logger.info(
+                "round %d: %d node(s) joined: %s", self._round, len(joined), ", ".join(map(str, sorted(joined)))
+            )
+        self._known_nodes.update(connected)
+        self._last_nodes = connected
+        self._node_counts = {
+            "num_available": len(connected),
+            "num_lost_nodes": len(self._known_nodes - connected),
+        }
 
     def _trainable_nodes(self, grid: Grid) -> list[int]:
         """Connected nodes that have not declined for lack of privacy budget.
@@ -171,7 +239,6 @@ class WeightedFedAvg(Strategy):
             When every connected node has declined.
         """
         connected = self._connected_nodes(grid)
-        self._known_nodes.update(connected)
         candidates = [node for node in connected if node not in self.declined_nodes]
         if connected and not candidates:
             raise StopRun("privacy_budget_exhausted", "every client has spent its record-level budget")
@@ -213,7 +280,10 @@ class WeightedFedAvg(Strategy):
             raise self.stop
         self._spec = array_spec(arrays)
         self._global = [array.numpy() for array in arrays.values()]
+        self._round = server_round
         node_ids = self.sample_train_nodes(server_round, grid)
+        self._round_nodes[server_round] = {**self._node_counts, "num_sampled": len(node_ids)}
+        self._round_sampled[server_round] = list(node_ids)
         logger.info("round %d: training on %d nodes", server_round, len(node_ids))
         return self._messages(
             arrays=arrays, config=config, server_round=server_round, node_ids=node_ids, kind=MessageType.TRAIN
@@ -263,7 +333,37 @@ class WeightedFedAvg(Strategy):
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        """Validate replies, average the valid ones and apply the server step."""
+        """Validate replies, average the valid ones and apply the server step.
+
+        A "node unavailable" error (Flower's stand-in for the reply of a
+        SuperNode that stopped sending heartbeats) and a sampled node without
+        any reply by ``round_timeout`` count in ``num_unreachable``, not in
+        ``num_rejected``.
+        """
+        replies = list(replies)
+        # Flower's stand-in reply comes from the SuperLink (src_node_id 1), not
+        # from the node: the unreachable nodes are the sampled ones without an
+        # answer of their own.
+        unavailable = sum(1 for msg in replies if _node_unavailable(msg))
+        replies = [msg for msg in replies if not _node_unavailable(msg)]
+        nodes = self._round_nodes.pop(server_round, {})
+        sampled = self._round_sampled.pop(server_round, None)
+        if sampled is not None:
+            unreachable = sorted(set(sampled) - {msg.metadata.src_node_id for msg in replies})
+            nodes["num_unreachable"] = len(unreachable)
+            if unreachable:
+                logger.warning(
+                    "round %d: %d of %d sampled nodes unreachable (%s): %d by Flower's node-unavailable "
+                    "error (missed heartbeats), %d without a reply by round_timeout",
+                    server_round,
+                    len(unreachable),
+                    len(sampled),
+                    ", ".join(map(str, unreachable)),
+                    min(unavailable, len(unreachable)),
+                    max(len(unreachable) - unavailable, 0),
+                )
+        elif unavailable:
+            nodes["num_unreachable"] = unavailable
         valid, rejected, declined = self.validate_train_replies(replies)
         self.declined_nodes.update(d.node_id for d in declined)
         if self._known_nodes and self._known_nodes <= self.declined_nodes:
@@ -277,6 +377,7 @@ class WeightedFedAvg(Strategy):
             "train_loss": client_metrics.pop("train_loss", None),
             **{f"client_{key}": value for key, value in client_metrics.items()},
             **self._track_record_privacy([*valid, *declined]),
+            **nodes,
         }
         arrays = None
         if not self.releases_update(valid):
@@ -313,6 +414,7 @@ class WeightedFedAvg(Strategy):
         """Ask a sample of nodes to evaluate the global model (off when fraction is 0)."""
         if self.fraction_evaluate == 0.0:
             return []
+        self._round = server_round
         node_ids = sample_node_ids(
             self._connected_nodes(grid),
             fraction=self.fraction_evaluate,
@@ -337,3 +439,8 @@ class WeightedFedAvg(Strategy):
         return MetricRecord(
             weighted_metrics([r.metrics for r in valid], [r.num_examples for r in valid])
         )
+
+
+def _node_unavailable(msg: Message) -> bool:
+    """Whether ``msg`` is Flower's error reply for a node that went offline."""
+    return msg.has_error() and msg.error.code == ErrorCode.NODE_UNAVAILABLE
