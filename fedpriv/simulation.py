@@ -31,8 +31,16 @@ BACKENDS = ("ray",)
 logger = get_logger(__name__)
 
 
-def stage_app(run_config: dict[str, Scalar], directory: Path) -> Path:
+def stage_app(
+    run_config: dict[str, Scalar],
+    directory: Path,
+    *,
+    server_app: str = SERVER_APP,
+    client_app: str = CLIENT_APP,
+) -> Path:
     """Write a Flower app ``pyproject.toml`` whose run config is ``run_config``.
+
+    ``server_app`` and ``client_app`` are the components it names.
 
     Returns
     -------
@@ -50,7 +58,7 @@ def stage_app(run_config: dict[str, Scalar], directory: Path) -> Path:
             "flwr": {
                 "app": {
                     "publisher": "fedpriv",
-                    "components": {"serverapp": SERVER_APP, "clientapp": CLIENT_APP},
+                    "components": {"serverapp": server_app, "clientapp": client_app},
                     "config": dict(run_config),
                 }
             }
@@ -76,12 +84,19 @@ class SimulationMode:
         GPUs reserved per simulated client.
     verbose : bool
         Show Flower's and Ray's debug logs.
+    server_app, client_app : str
+        ``module:attribute`` of the apps to run; fedpriv's by default.
+        ``scripts/bench.py`` runs Flower's built-in FedAvg and a client in the
+        style of Flower's Opacus example on the same config this way
+        (``+mode.server_app=...``).
     """
 
     backend: str = "ray"
     client_num_cpus: float = 1.0
     client_num_gpus: float = 0.0
     verbose: bool = False
+    server_app: str = SERVER_APP
+    client_app: str = CLIENT_APP
 
     def __post_init__(self) -> None:
         """Validate the settings."""
@@ -91,6 +106,10 @@ class SimulationMode:
             raise ValueError(f"mode.client_num_cpus={self.client_num_cpus}: must be > 0")
         if not (math.isfinite(self.client_num_gpus) and self.client_num_gpus >= 0):
             raise ValueError(f"mode.client_num_gpus={self.client_num_gpus}: must be >= 0")
+        for key in ("server_app", "client_app"):
+            module, _, attribute = str(getattr(self, key)).partition(":")
+            if not (module and attribute):
+                raise ValueError(f"mode.{key}={getattr(self, key)!r}: must be 'module:attribute'")
 
     def run(self, *, run_config: dict[str, Scalar], num_supernodes: int) -> None:
         """Run the app with ``run_config`` on ``num_supernodes`` simulated nodes.
@@ -111,7 +130,7 @@ class SimulationMode:
             "init_args": {"include_dashboard": False, "log_to_driver": self.verbose},
         }
         with tempfile.TemporaryDirectory(prefix="fedpriv-app-") as app_dir:
-            stage_app(run_config, Path(app_dir))
+            stage_app(run_config, Path(app_dir), server_app=self.server_app, client_app=self.client_app)
             context = Context(
                 run_id=0, node_id=0, node_config={}, state=RecordDict(), run_config=dict(run_config)
             )
@@ -120,8 +139,8 @@ class SimulationMode:
                 exit_event=EventType.PYTHON_API_RUN_SIMULATION_LEAVE,
                 backend_name=self.backend,
                 backend_config=backend_config,
-                server_app_attr=SERVER_APP,
-                client_app_attr=CLIENT_APP,
+                server_app_attr=self.server_app,
+                client_app_attr=self.client_app,
                 server_app_context=context,
                 app_dir=app_dir,
                 is_app=True,

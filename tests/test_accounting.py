@@ -4,6 +4,7 @@ import copy
 import math
 
 import dp_accounting
+import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -425,3 +426,23 @@ def test_errors_name_the_key_and_the_value(call, message):
     # Execute / Assert
     with pytest.raises(ValueError, match=message):
         call()
+
+
+@pytest.mark.parametrize("accountant", ACCOUNTANTS)
+@pytest.mark.parametrize(
+    "history",
+    [[(1.0, 0.04, 500)], [(1.0, 0.1, 60), (2.0, 0.1, 40)], [(1.0, 1.0, 10)], [(0.7, 0.3, 7), (1.3, 0.05, 300)]],
+)
+def test_cached_rdp_gives_opacus_epsilon_bit_for_bit(accountant, history):
+    # Prepare: Opacus' own accountant, which recomputes every RDP vector
+    stock = make_accountant(accountant)
+    stock.history = list(history)
+    with np.errstate(divide="ignore"):
+        expected = float(stock.get_epsilon(delta=1e-5))
+
+    # Execute: twice, so the second call reads the cache
+    first = compute_epsilon(history, delta=1e-5, accountant=accountant)
+    second = compute_epsilon(history, delta=1e-5, accountant=accountant)
+
+    # Assert
+    assert first == second == expected

@@ -11,6 +11,7 @@ Mironov et al. 2019, Renyi DP, a looser upper bound).
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Mapping, Sequence
 from numbers import Integral, Real
@@ -20,7 +21,9 @@ import numpy as np
 from fedpriv.opacus_logging import opacus_logging_contained
 
 with opacus_logging_contained():
-    from opacus.accountants import IAccountant, create_accountant
+    from opacus.accountants import IAccountant, PRVAccountant, RDPAccountant, create_accountant
+    from opacus.accountants.analysis import rdp as rdp_analysis
+    from opacus.accountants.analysis.prv import Domain
 
 HistoryEntry = tuple[float, float, int]
 """One run of identical releases: ``(noise_multiplier, sample_rate, steps)``."""
@@ -104,6 +107,59 @@ def _check_history(history: Sequence[HistoryEntry]) -> list[HistoryEntry]:
             )
         )
     return checked
+
+
+@functools.lru_cache(maxsize=256)
+def _rdp_of_one_release(noise_multiplier: float, sample_rate: float) -> np.ndarray:
+    """RDP of one Poisson-sampled Gaussian release at Opacus' default orders.
+
+    It depends on neither the number of steps nor delta, yet Opacus recomputes
+    it in pure Python (151 orders) twice per history entry for every PRV
+    epsilon: that was 85% of a PRV ``get_epsilon``. Cached per process, so a
+    client pays it once per run and a Ray actor once for all its clients.
+    """
+    rdp = rdp_analysis.compute_rdp(
+        q=sample_rate,
+        noise_multiplier=noise_multiplier,
+        steps=1,
+        orders=RDPAccountant.DEFAULT_ALPHAS,
+    )
+    rdp.setflags(write=False)  # shared by every caller
+    return rdp
+
+
+def _rdp_epsilon(history: Sequence[HistoryEntry], *, delta: float) -> float:
+    """``RDPAccountant(history).get_epsilon(delta)``, bit for bit, with cached RDP."""
+    # The same operations in the same order as RDPAccountant.get_privacy_spent.
+    rdp = sum([_rdp_of_one_release(z, q) * steps for z, q, steps in history])
+    epsilon, _ = rdp_analysis.get_privacy_spent(
+        orders=RDPAccountant.DEFAULT_ALPHAS, rdp=rdp, delta=delta
+    )
+    return float(epsilon)
+
+
+class _CachedPRVAccountant(PRVAccountant):
+    """Opacus' PRV accountant whose domain bound uses :func:`_rdp_of_one_release`.
+
+    ``_get_domain`` repeats Opacus 1.6's ``PRVAccountant._get_domain`` and
+    ``compute_safe_domain_size`` operation for operation, so epsilons are
+    identical to Opacus' (a test checks equality); only the RDP vectors are
+    cached instead of recomputed.
+    """
+
+    def _get_domain(self, prvs, num_self_compositions, eps_error, delta_error) -> Domain:
+        total = sum(num_self_compositions)
+        history = [
+            (prv.noise_multiplier, prv.sample_rate, steps)
+            for prv, steps in zip(prvs, num_self_compositions, strict=True)
+        ]
+        bound = _rdp_epsilon(history, delta=delta_error / 4)
+        for noise_multiplier, sample_rate, _ in history:
+            single = [(noise_multiplier, sample_rate, 1)]
+            bound = max(bound, _rdp_epsilon(single, delta=delta_error / (8 * total)))
+        size = max(bound, eps_error) + 3
+        mesh_size = eps_error / np.sqrt(total * np.log(12 / delta_error) / 2)
+        return Domain.create_aligned(-size, size, mesh_size)
 
 
 def make_accountant(name: str) -> IAccountant:
@@ -203,12 +259,14 @@ def compute_epsilon(
         return 0.0
     if any(noise_multiplier == 0 for noise_multiplier, _, _ in counted):
         return math.inf
-    opacus_accountant = make_accountant(accountant)
-    opacus_accountant.history = counted
+    if accountant == "rdp":
+        return _rdp_epsilon(counted, delta=delta)
+    prv = _CachedPRVAccountant()
+    prv.history = counted
     # Opacus' PRV takes log(1 - q), which is -inf when q == 1; that limit is
     # the intended one and the warning would only be noise.
     with np.errstate(divide="ignore"):
-        return float(opacus_accountant.get_epsilon(delta=delta))
+        return float(prv.get_epsilon(delta=delta))
 
 
 def solve_noise_multiplier(

@@ -1,0 +1,871 @@
+"""Benchmarks: fedpriv against the compute floor and against Flower's built-ins.
+
+    python scripts/bench.py [--quick | --smoke] [--mnist-root DIR] [--out bench.json]
+
+Every figure is a ratio (or a pair) measured side by side in this one run, so
+load from other processes on the machine affects both sides alike:
+
+1. overhead: a fedpriv simulation (``scripts/run.py``) over the compute floor,
+   the same local training steps and server evaluations in one plain process;
+2. flower: the same private workload with Flower's built-in ``FedAvg`` and a
+   client in the style of Flower's Opacus example (``scripts/bench_apps.py``),
+   against fedpriv's strategy and ``client=opacus``: wall time and epsilon;
+3. dp_step: a DP-SGD step over a plain step for every ``grad_sample_mode``,
+   and a whole private local round (``OpacusTraining.fit``) over a plain one;
+4. accounting: fedpriv's epsilon over ``dp-accounting``'s PLD for the same
+   mechanism, and over Flower's accountant (no amplification);
+5. memory: peak memory of a whole run (every process, Ray's included) at 10
+   and 100 clients;
+6. scale: seconds per round with 10 clients sampled out of 100 to 10,000;
+7. utility (full mode, needs ``--mnist-root``): test accuracy without privacy,
+   with record-level DP at several epsilons and with client-level DP.
+
+The workload is MNIST-8k (the MNIST test file, 8,000 images for the clients,
+2,000 held out; CNN) with ``--mnist-root``, else scikit-learn's digits (MLP).
+``--quick`` takes a few minutes; ``--smoke`` is the smallest setting, for tests.
+Prints a table and writes the figures as JSON to ``--out``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import gc
+import json
+import math
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import warnings
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+REPO = Path(__file__).resolve().parents[1]
+SCRIPTS = REPO / "scripts"
+if str(REPO) not in sys.path:
+    # Running from a checkout without `pip install -e .` still finds the packages.
+    sys.path.insert(0, str(REPO))
+
+from clients.opacus_training import GRAD_SAMPLE_MODES, OpacusTraining  # noqa: E402
+from clients.plain import PlainTraining  # noqa: E402
+from fedpriv.models import CNN28, MLP  # noqa: E402
+
+FLOWER_APPS = ("+mode.server_app=bench_apps:server_app", "+mode.client_app=bench_apps:client_app")
+SAMPLED_PER_ROUND = 10
+
+
+@dataclass(frozen=True)
+class Sizes:
+    """How much of each section to run.
+
+    Attributes
+    ----------
+    clients, rounds : int
+        The federation of sections 1, 2 and 5.
+    memory_clients : int
+        Clients of one more run of the section-1 workload, for section 5 (0:
+        none; section 5 then reports the runs of sections 1 and 6).
+    scale_clients : tuple[int, ...]
+        Federation sizes of section 6.
+    scale_rounds : int
+        Rounds of each scale run (the first one is the warm-up).
+    step_timing : dict
+        ``warmup``, ``steps`` and ``repeats`` of the step timings of section 3.
+    fit_repeats : int
+        Local rounds timed per training procedure in section 3.
+    accounting_steps : int
+        DP-SGD steps of the client-side accounting case of section 4.
+    flower : bool
+        Run section 2.
+    utility : bool
+        Run section 7.
+    """
+
+    clients: int
+    rounds: int
+    memory_clients: int
+    scale_clients: tuple[int, ...]
+    scale_rounds: int
+    step_timing: dict
+    fit_repeats: int
+    accounting_steps: int
+    flower: bool
+    utility: bool
+
+
+SIZES = {
+    "smoke": Sizes(
+        clients=2,
+        rounds=1,
+        memory_clients=0,
+        scale_clients=(),
+        scale_rounds=0,
+        step_timing={"warmup": 1, "steps": 1, "repeats": 1},
+        fit_repeats=2,
+        accounting_steps=10,
+        flower=False,
+        utility=False,
+    ),
+    "quick": Sizes(
+        clients=10,
+        rounds=3,
+        memory_clients=0,
+        scale_clients=(100, 1_000),
+        scale_rounds=3,
+        step_timing={"warmup": 3, "steps": 5, "repeats": 5},
+        fit_repeats=4,
+        accounting_steps=500,
+        flower=True,
+        utility=False,
+    ),
+    "full": Sizes(
+        clients=10,
+        rounds=20,
+        memory_clients=100,
+        scale_clients=(100, 1_000, 10_000),
+        scale_rounds=5,
+        step_timing={"warmup": 10, "steps": 20, "repeats": 15},
+        fit_repeats=8,
+        accounting_steps=500,
+        flower=True,
+        utility=True,
+    ),
+}
+
+
+# --- running things and measuring them -------------------------------------------------
+
+
+def _children_by_parent() -> dict[int, list[int]]:
+    children: dict[int, list[int]] = {}
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = Path(entry.path, "stat").read_text()
+        except OSError:
+            continue  # the process ended while we looked
+        # The command name may hold spaces: the fields after it start at ") ".
+        ppid = int(stat.rsplit(") ", 1)[1].split()[1])
+        children.setdefault(ppid, []).append(int(entry.name))
+    return children
+
+
+def process_tree(root: int) -> list[int]:
+    """Return ``root`` and all its descendants (Ray's raylet, workers, ...)."""
+    children = _children_by_parent()
+    tree, todo = [], [root]
+    while todo:
+        pid = todo.pop()
+        tree.append(pid)
+        todo.extend(children.get(pid, []))
+    return tree
+
+
+def _memory_kib(pid: int) -> tuple[int, int]:
+    """``(pss, rss)`` of one process in KiB; zeros once it has ended."""
+    values = {"Pss:": 0, "Rss:": 0}
+    try:
+        for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
+            key, _, rest = line.partition(" ")
+            if key in values:
+                values[key] = int(rest.split()[0])
+    except (OSError, ValueError):
+        pass
+    return values["Pss:"], values["Rss:"]
+
+
+class PeakMemory:
+    """Peak memory of a process tree, sampled in a background thread.
+
+    PSS (proportional set size) splits shared pages, such as torch's
+    libraries mapped by every Ray worker, among the processes that share them,
+    so the sum over the tree is the tree's real footprint; the summed RSS
+    counts shared pages once per process and is reported as an upper bound.
+
+    Parameters
+    ----------
+    pid : int
+        Root of the tree.
+    interval : float
+        Seconds between samples.
+    """
+
+    def __init__(self, pid: int, *, interval: float = 0.25) -> None:
+        self.pid = pid
+        self.interval = interval
+        self.peak_pss_mib = 0.0
+        self.peak_rss_mib = 0.0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+
+    def _sample(self) -> None:
+        while not self._stop.is_set():
+            pss, rss = map(sum, zip(*(_memory_kib(p) for p in process_tree(self.pid)), strict=True))
+            self.peak_pss_mib = max(self.peak_pss_mib, pss / 1024)
+            self.peak_rss_mib = max(self.peak_rss_mib, rss / 1024)
+            self._stop.wait(self.interval)
+
+    def __enter__(self) -> PeakMemory:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+def _subprocess_env() -> dict[str, str]:
+    # scripts/ for bench_apps (Flower's apps, the synthetic data set): Ray's
+    # workers inherit the variable and import it there.
+    path = [str(REPO), str(SCRIPTS), os.environ.get("PYTHONPATH", "")]
+    return {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in path if p), "FLWR_TELEMETRY_ENABLED": "0"}
+
+
+def run_measured(args: list[str], *, cwd: Path) -> dict[str, Any]:
+    """Run a Python script to its end; return its wall time, peak memory and output.
+
+    Raises
+    ------
+    RuntimeError
+        If it exits with a non-zero code (the end of its output is in the message).
+    """
+    start = time.perf_counter()
+    process = subprocess.Popen(
+        [sys.executable, *args],
+        cwd=cwd,
+        env=_subprocess_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    with PeakMemory(process.pid) as memory:
+        output, _ = process.communicate()
+    wall = time.perf_counter() - start
+    if process.returncode != 0:
+        raise RuntimeError(f"{' '.join(args[:2])} exited with {process.returncode}:\n{output[-3000:]}")
+    return {
+        "wall_seconds": wall,
+        "peak_pss_mib": memory.peak_pss_mib,
+        "peak_rss_sum_mib": memory.peak_rss_mib,
+        "output": output,
+    }
+
+
+def run_federation(overrides: list[str], *, out_dir: Path) -> dict[str, Any]:
+    """Run ``scripts/run.py`` (a real simulation) and read its ``results.json``.
+
+    Returns
+    -------
+    dict
+        ``wall_seconds`` and memory of the whole process tree, the
+        ``results`` document and ``round_seconds``.
+    """
+    out_dir.mkdir(parents=True, exist_ok=True)
+    measured = run_measured([str(SCRIPTS / "run.py"), f"output_dir={out_dir}", *overrides], cwd=out_dir)
+    results = json.loads((out_dir / "results.json").read_text())
+    measured.pop("output")
+    return {**measured, "results": results, "round_seconds": [row["seconds"] for row in results["rounds"]]}
+
+
+# --- section 1: overhead over the compute floor -----------------------------------------
+
+
+def compute_floor(overrides: list[str]) -> dict[str, Any]:
+    """The federation's work without Flower: every client's local round, then FedAvg and evaluation.
+
+    The same local training (``experiment.client.fit``) on the same partitions
+    and the same server evaluation, in one process on one thread, as each
+    simulated client trains (with two threads the small models here run
+    slower, and much slower when other processes load the cores). Full
+    participation and the plain strategy only.
+
+    Returns
+    -------
+    dict
+        ``setup_seconds`` (config, data, partitions), ``round_seconds`` and
+        the final ``test_accuracy``.
+    """
+    from fedpriv.compose import compose_config
+    from fedpriv.experiment import client_examples, load_experiment
+    from fedpriv.training import evaluate
+
+    torch.set_num_threads(1)
+    start = time.perf_counter()
+    experiment = load_experiment(compose_config(overrides))
+    settings = experiment.settings
+    if experiment.strategy_config.get("fraction_train", 1.0) != 1.0:
+        raise ValueError("the compute floor assumes every client trains in every round")
+    splits = experiment.dataset.load()
+    data = [
+        client_examples(experiment, partition_id=i, num_partitions=settings.num_clients)
+        for i in range(settings.num_clients)
+    ]
+    torch.manual_seed(settings.seed)
+    model = experiment.build_model()
+    setup = time.perf_counter() - start
+    round_seconds, accuracy = [], None
+    for server_round in range(1, settings.num_rounds + 1):
+        start = time.perf_counter()
+        model.load_state_dict(_fedavg_round(experiment, model.state_dict(), data, server_round=server_round))
+        _, accuracy = evaluate(model, splits.test_x, splits.test_y)
+        round_seconds.append(time.perf_counter() - start)
+    return {"setup_seconds": setup, "round_seconds": round_seconds, "test_accuracy": accuracy}
+
+
+def _fedavg_round(experiment, global_state: dict, data: list, *, server_round: int) -> dict:
+    """Train every client from ``global_state``; return the example-weighted average."""
+    from flwr.app import RecordDict
+
+    total, summed = 0, None
+    for partition_id, (x, y) in enumerate(data):
+        local = experiment.build_model()
+        local.load_state_dict(global_state)
+        outcome = experiment.client.fit(
+            local,
+            x,
+            y,
+            seed=server_round * 100_003 + partition_id,
+            state=RecordDict(),
+            planned_rounds=experiment.settings.num_rounds,
+        )
+        weighted = {k: v * outcome.num_examples for k, v in local.state_dict().items()}
+        summed = weighted if summed is None else {k: summed[k] + weighted[k] for k in summed}
+        total += outcome.num_examples
+    return {k: v / total for k, v in summed.items()}
+
+
+def run_floor(overrides: list[str], *, cwd: Path) -> dict[str, Any]:
+    """:func:`compute_floor` in a fresh process, as the simulation runs; plus its wall time."""
+    measured = run_measured([str(SCRIPTS / "bench.py"), "--floor", json.dumps(overrides)], cwd=cwd)
+    floor = json.loads(measured.pop("output").strip().splitlines()[-1])
+    return {**measured, **floor}
+
+
+def bench_overhead(workload: list[str], *, sizes: Sizes, work_dir: Path) -> dict[str, Any]:
+    """Section 1: a fedpriv simulation over the compute floor of the same work."""
+    overrides = [*workload, f"num_clients={sizes.clients}", f"num_rounds={sizes.rounds}", "client.local_epochs=1"]
+    federation = run_federation(overrides, out_dir=work_dir / "overhead")
+    floor = run_floor(overrides, cwd=work_dir)
+    fed_rounds, floor_rounds = federation["round_seconds"], floor["round_seconds"]
+    steady = slice(1, None) if len(fed_rounds) > 1 else slice(None)
+    return {
+        "overrides": overrides,
+        "federation_wall_seconds": federation["wall_seconds"],
+        "floor_wall_seconds": floor["wall_seconds"],
+        "wall_ratio": federation["wall_seconds"] / floor["wall_seconds"],
+        "federation_round_seconds": fed_rounds,
+        "floor_round_seconds": floor_rounds,
+        "rounds_ratio": sum(fed_rounds) / sum(floor_rounds),
+        "steady_rounds_ratio": sum(fed_rounds[steady]) / sum(floor_rounds[steady]),
+        "federation_startup_seconds": federation["wall_seconds"] - sum(fed_rounds),
+        "floor_startup_seconds": floor["wall_seconds"] - sum(floor_rounds),
+        "federation_test_accuracy": federation["results"]["final"]["test_accuracy"],
+        "floor_test_accuracy": floor["test_accuracy"],
+        "peak_pss_mib": federation["peak_pss_mib"],
+        "peak_rss_sum_mib": federation["peak_rss_sum_mib"],
+        "floor_peak_pss_mib": floor["peak_pss_mib"],
+    }
+
+
+# --- section 2: against Flower's built-in FedAvg and Opacus example client ---------------
+
+
+def bench_flower(workload: list[str], *, sizes: Sizes, work_dir: Path) -> dict[str, Any]:
+    """Section 2: the same private workload, Flower's pieces against fedpriv's."""
+    overrides = [
+        *workload,
+        f"num_clients={sizes.clients}",
+        f"num_rounds={sizes.rounds}",
+        "client=opacus",
+        "client.local_epochs=1",
+    ]
+    fedpriv = run_federation(overrides, out_dir=work_dir / "fedpriv_opacus")
+    flower = run_federation([*overrides, *FLOWER_APPS], out_dir=work_dir / "flower_opacus")
+    return {
+        "overrides": overrides,
+        "fedpriv_wall_seconds": fedpriv["wall_seconds"],
+        "flower_wall_seconds": flower["wall_seconds"],
+        "wall_ratio": fedpriv["wall_seconds"] / flower["wall_seconds"],
+        "fedpriv_steady_round_seconds": _steady(fedpriv["round_seconds"]),
+        "flower_steady_round_seconds": _steady(flower["round_seconds"]),
+        "fedpriv_test_accuracy": fedpriv["results"]["final"]["test_accuracy"],
+        "flower_test_accuracy": flower["results"]["final"]["test_accuracy"],
+        # fedpriv composes every round a client trained in; Flower's example
+        # restarts its accountant each round, so it reports one round's worth.
+        "fedpriv_epsilon": fedpriv["results"]["final"]["epsilon_record_max"],
+        "flower_epsilon": flower["results"]["final"]["epsilon_reported"],
+        "fedpriv_epsilon_per_round": [row["epsilon_record_max"] for row in fedpriv["results"]["rounds"]],
+        "flower_epsilon_per_round": [row["epsilon"] for row in flower["results"]["rounds"]],
+    }
+
+
+def _steady(round_seconds: list[float]) -> float:
+    """Median seconds of the rounds after the first (the first one warms the actors up)."""
+    return statistics.median(round_seconds[1:] or round_seconds)
+
+
+# --- section 3: DP-SGD step and round cost ----------------------------------------------
+
+STEP_MODELS: dict[str, tuple[Callable[[], nn.Module], tuple[int, ...], int]] = {
+    # name: (build, input shape, examples of one client in the workload)
+    "mlp": (lambda: MLP(input_shape=(1, 8, 8), num_classes=10), (1, 8, 8), 144),
+    "cnn28": (lambda: CNN28(input_shape=(1, 28, 28), num_classes=10), (1, 28, 28), 800),
+}
+
+
+def time_interleaved(steps_by_name: dict[str, Callable[[], None]], *, warmup: int, steps: int, repeats: int) -> dict:
+    """Median over ``repeats`` of the mean seconds per call of each step function.
+
+    The candidates take turns within every repeat, so load from other processes
+    affects them alike; garbage collection is off while timing, as in ``timeit``.
+    """
+    for step in steps_by_name.values():
+        for _ in range(warmup):
+            step()
+    samples: dict[str, list[float]] = {name: [] for name in steps_by_name}
+    gc_was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        for _ in range(repeats):
+            for name, step in steps_by_name.items():
+                start = time.perf_counter()
+                for _ in range(steps):
+                    step()
+                samples[name].append((time.perf_counter() - start) / steps)
+    finally:
+        if gc_was_enabled:
+            gc.enable()
+    return {name: statistics.median(values) for name, values in samples.items()}
+
+
+def _plain_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> Callable[[], None]:
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    criterion = nn.CrossEntropyLoss()
+
+    def step() -> None:
+        optimizer.zero_grad(set_to_none=True)
+        criterion(model(x), y).backward()
+        optimizer.step()
+
+    return step
+
+
+def _private_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, mode: str) -> Callable[[], None]:
+    from opacus import PrivacyEngine
+
+    engine = PrivacyEngine(accountant="prv")
+    private = engine.make_private(
+        module=model,
+        optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
+        criterion=nn.CrossEntropyLoss(),
+        data_loader=DataLoader(TensorDataset(x, y), batch_size=len(y)),
+        noise_multiplier=1.0,
+        max_grad_norm=1.0,
+        poisson_sampling=True,
+        grad_sample_mode=mode,
+        noise_generator=torch.Generator().manual_seed(0),
+    )
+    if mode == "ghost":
+        module, optimizer, criterion, _ = private
+    else:
+        (module, optimizer, _), criterion = private, nn.CrossEntropyLoss()
+
+    def step() -> None:
+        optimizer.zero_grad(set_to_none=True)
+        criterion(module(x), y).backward()
+        optimizer.step()
+
+    return step
+
+
+def _random_batch(shape: tuple[int, ...], size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    generator = torch.Generator().manual_seed(0)
+    return torch.rand(size, *shape, generator=generator), torch.randint(0, 10, (size,), generator=generator)
+
+
+def step_costs(*, batch_size: int, timing: dict) -> list[dict]:
+    """One optimizer step, private over plain, per model and ``grad_sample_mode``, on a fixed batch."""
+    rows = []
+    for name, (build, shape, _) in STEP_MODELS.items():
+        x, y = _random_batch(shape, batch_size)
+        candidates, errors = {"plain": _plain_step(build(), x, y)}, {}
+        for mode in GRAD_SAMPLE_MODES:
+            try:
+                step = _private_step(build(), x, y, mode=mode)
+                step()
+            except (RuntimeError, ValueError, NotImplementedError) as exc:
+                errors[mode] = f"{type(exc).__name__}: {exc}"
+            else:
+                candidates[mode] = step
+        seconds = time_interleaved(candidates, **timing)
+        for mode in GRAD_SAMPLE_MODES:
+            row = {"model": name, "mode": mode, "batch_size": batch_size, "plain_ms": seconds["plain"] * 1e3}
+            if mode in errors:
+                row.update(private_ms=None, ratio=None, error=errors[mode])
+            else:
+                row.update(private_ms=seconds[mode] * 1e3, ratio=seconds[mode] / seconds["plain"], error=None)
+            rows.append(row)
+    return rows
+
+
+def round_costs(*, batch_size: int, repeats: int) -> list[dict]:
+    """A whole local round of ``client=opacus`` over one of ``client=plain``, per model.
+
+    This is what a client pays: besides the steps, Opacus' ``make_private``,
+    Poisson batches and the accounting of the round. One client's worth of
+    examples, one local epoch, the same batch size; the private client keeps
+    its state between rounds, so its accountant history grows as in a run.
+    """
+    from flwr.app import RecordDict
+
+    rows = []
+    for name, (build, shape, examples) in STEP_MODELS.items():
+        x, y = _random_batch(shape, examples)
+        trainings = {
+            "plain": PlainTraining(local_epochs=1, batch_size=batch_size, lr=0.1, momentum=0.5),
+            "opacus": OpacusTraining(local_epochs=1, batch_size=batch_size, lr=0.1, momentum=0.5, noise_multiplier=1.0),
+        }
+        states = {kind: RecordDict() for kind in trainings}
+        samples: dict[str, list[float]] = {kind: [] for kind in trainings}
+        for repeat in range(repeats + 1):  # the first round of each warms up
+            for kind, training in trainings.items():
+                model = build()
+                start = time.perf_counter()
+                training.fit(model, x, y, seed=repeat, state=states[kind], planned_rounds=repeats + 1)
+                if repeat:
+                    samples[kind].append(time.perf_counter() - start)
+        plain, private = (statistics.median(samples[kind]) for kind in ("plain", "opacus"))
+        rows.append(
+            {"model": name, "examples": examples, "batch_size": batch_size, "plain_ms": plain * 1e3,
+             "private_ms": private * 1e3, "ratio": private / plain}
+        )
+    return rows
+
+
+def bench_dp_step(*, sizes: Sizes) -> dict[str, Any]:
+    """Section 3, on one thread as each simulated client runs."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with warnings.catch_warnings():
+            # Opacus warns on every engine without secure_mode and on every backward
+            # through a first layer whose input needs no grad; neither matters here.
+            warnings.filterwarnings("ignore", message="Secure RNG turned off")
+            warnings.filterwarnings("ignore", message="Full backward hook is firing")
+            steps = step_costs(batch_size=64, timing=sizes.step_timing)
+            rounds = round_costs(batch_size=32, repeats=sizes.fit_repeats)
+    finally:
+        torch.set_num_threads(threads)
+    return {"steps": steps, "rounds": rounds}
+
+
+# --- section 4: accounting tightness -----------------------------------------------------
+
+
+def pld_epsilon(history: list[tuple[float, float, int]], *, delta: float) -> float:
+    """Google ``dp-accounting``'s PLD epsilon of Poisson-subsampled Gaussian releases."""
+    import dp_accounting
+
+    accountant = dp_accounting.pld.PLDAccountant(value_discretization_interval=1e-4)
+    for noise_multiplier, sample_rate, steps in history:
+        event = dp_accounting.PoissonSampledDpEvent(sample_rate, dp_accounting.GaussianDpEvent(noise_multiplier))
+        accountant.compose(dp_accounting.SelfComposedDpEvent(event, steps))
+    return float(accountant.get_epsilon(delta))
+
+
+def flower_no_amplification_epsilon(*, noise_multiplier: float, sampled: int, population: int, rounds: int, delta: float) -> float:
+    """Epsilon from Flower's ``RdpAccountant`` with the only sampling its DP strategies accept."""
+    from flwr.supercore.privacy_accounting import (
+        GaussianPrivacyEvent,
+        NeighboringRelation,
+        PrivacyConfig,
+        SamplingMethod,
+    )
+    from flwr.supercore.privacy_accounting.rdp_accountant import RdpAccountant
+
+    config = PrivacyConfig(
+        target_delta=delta,
+        population_size=population,
+        neighboring_relation=NeighboringRelation.ADD_OR_REMOVE_ONE,
+        sampling_method=SamplingMethod.NO_AMPLIFICATION,
+    )
+    accountant = RdpAccountant(config)
+    event = GaussianPrivacyEvent(noise_multiplier=noise_multiplier, sample_size=sampled, population_size=population)
+    accountant.compose(event, rounds)
+    return accountant.get_epsilon(delta)
+
+
+def bench_accounting(*, sizes: Sizes) -> dict[str, Any]:
+    """Section 4: fedpriv's epsilon over PLD's and over Flower's, and the time each takes."""
+    from fedpriv.privacy.accounting import compute_epsilon
+
+    delta = 1e-5
+    # Client side: a client of the workload (800 examples, expected batch 32)
+    # in DP-SGD; server side: DP-FedAvg, 100 clients, q = 0.1, z = 1, 100 rounds.
+    cases = {
+        "client_dp_sgd": [(1.0, 1 / 25, sizes.accounting_steps)],
+        "server_dp_fedavg": [(1.0, 0.1, 100)],
+    }
+    rows = {}
+    for name, history in cases.items():
+        start = time.perf_counter()
+        fedpriv = compute_epsilon(history, delta=delta)
+        seconds = time.perf_counter() - start
+        reference = pld_epsilon(history, delta=delta)
+        rows[name] = {"history": history, "fedpriv_epsilon": fedpriv, "pld_epsilon": reference,
+                      "ratio": fedpriv / reference, "fedpriv_seconds": seconds}
+    flower = flower_no_amplification_epsilon(noise_multiplier=1.0, sampled=10, population=100, rounds=100, delta=delta)
+    user = rows["server_dp_fedavg"]["fedpriv_epsilon"]
+    rows["against_flower"] = {"fedpriv_epsilon_user": user, "flower_epsilon": flower, "ratio": user / flower}
+    return rows
+
+
+# --- sections 5 and 6: memory and scale --------------------------------------------------
+
+
+def bench_memory(workload: list[str], *, sizes: Sizes, sections: dict, work_dir: Path) -> dict[str, Any]:
+    """Section 5: peak memory of whole runs, by number of clients and what they ran."""
+    overhead = sections["overhead"]
+    rows = {
+        f"{sizes.clients} clients, section 1": {
+            "peak_pss_mib": overhead["peak_pss_mib"],
+            "peak_rss_sum_mib": overhead["peak_rss_sum_mib"],
+        }
+    }
+    for clients, run in sections.get("scale", {}).items():
+        rows[f"{clients} clients, {SAMPLED_PER_ROUND} sampled, section 6"] = {
+            "peak_pss_mib": run["peak_pss_mib"],
+            "peak_rss_sum_mib": run["peak_rss_sum_mib"],
+        }
+    if sizes.memory_clients:
+        overrides = [*workload, f"num_clients={sizes.memory_clients}", f"num_rounds={sizes.rounds}", "client.local_epochs=1"]
+        run = run_federation(overrides, out_dir=work_dir / f"memory_{sizes.memory_clients}")
+        rows[f"{sizes.memory_clients} clients, section-1 workload"] = {
+            "peak_pss_mib": run["peak_pss_mib"],
+            "peak_rss_sum_mib": run["peak_rss_sum_mib"],
+        }
+    return rows
+
+
+def scale_overrides(num_clients: int, *, rounds: int) -> list[str]:
+    """A cheap federation of ``num_clients`` on synthetic 8x8 data, 10 sampled per round."""
+    return [
+        "dataset._target_=bench_apps.Synthetic",
+        f"+dataset.num_examples={int(math.ceil(num_clients * 2 / 0.8))}",  # 2 per client
+        f"num_clients={num_clients}",
+        f"num_rounds={rounds}",
+        f"strategy.fraction_train={SAMPLED_PER_ROUND / num_clients}",
+        f"strategy.min_train_nodes={SAMPLED_PER_ROUND}",
+        "client.local_epochs=1",
+    ]
+
+
+def bench_scale(*, sizes: Sizes, work_dir: Path) -> dict[str, Any]:
+    """Section 6: seconds per round against the number of simulated clients."""
+    rows = {}
+    for num_clients in sizes.scale_clients:
+        run = run_federation(scale_overrides(num_clients, rounds=sizes.scale_rounds), out_dir=work_dir / f"scale_{num_clients}")
+        rows[str(num_clients)] = {
+            "steady_round_seconds": _steady(run["round_seconds"]),
+            "first_round_seconds": run["round_seconds"][0],
+            "wall_seconds": run["wall_seconds"],
+            "peak_pss_mib": run["peak_pss_mib"],
+            "peak_rss_sum_mib": run["peak_rss_sum_mib"],
+        }
+    return rows
+
+
+# --- section 7: utility -------------------------------------------------------------------
+
+UTILITY_ROUNDS = 15
+UTILITY_RUNS = {
+    "non_private": ["client.lr=0.1", "client.local_epochs=2"],
+    **{
+        f"record_level_eps{eps}": ["client=opacus", "client.batch_size=128", "client.lr=1.0",
+                                   "client.noise_multiplier=null", f"client.target_epsilon={eps}"]
+        for eps in (1, 3, 8)
+    },
+    "client_level": ["client.lr=0.1", "client.local_epochs=2", "strategy=dp_fixed",
+                     "strategy.noise_multiplier=1.0", "strategy.clipping_norm=0.5"],
+}
+
+
+def bench_utility(workload: list[str], *, work_dir: Path) -> dict[str, Any]:
+    """Section 7: test accuracy and wall time, without privacy and with each kind of DP."""
+    rows = {}
+    for name, extra in UTILITY_RUNS.items():
+        overrides = [*workload, "num_clients=10", f"num_rounds={UTILITY_ROUNDS}", *extra]
+        run = run_federation(overrides, out_dir=work_dir / f"utility_{name}")
+        final = run["results"]["final"]
+        rows[name] = {
+            "overrides": extra,
+            "test_accuracy": final["test_accuracy"],
+            "epsilon_record_max": final["epsilon_record_max"],
+            "epsilon_user": final["epsilon_user"],
+            "wall_seconds": run["wall_seconds"],
+        }
+    return rows
+
+
+# --- the report ---------------------------------------------------------------------------
+
+
+def _fmt(value: Any, digits: int = 2) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return f"{value:.{digits}f}"
+    return str(value)
+
+
+def table_rows(sections: dict[str, Any]) -> list[tuple[str, str, str]]:
+    """``(figure, measured, target or note)`` rows for every section that ran."""
+    rows = []
+    if "overhead" in sections:
+        s = sections["overhead"]
+        rows += [
+            ("1 overhead: wall time / compute floor", _fmt(s["wall_ratio"]),
+             f"target <= 1.10; {_fmt(s['federation_wall_seconds'], 1)}s vs {_fmt(s['floor_wall_seconds'], 1)}s"),
+            ("1 overhead: rounds / floor rounds", _fmt(s["rounds_ratio"]), "first round includes Ray actors warming up"),
+            ("1 overhead: rounds 2.. / floor rounds 2..", _fmt(s["steady_rounds_ratio"]), "steady state"),
+            ("1 start-up seconds: fedpriv / floor", f"{_fmt(s['federation_startup_seconds'], 1)} / {_fmt(s['floor_startup_seconds'], 1)}", "wall time outside the rounds"),
+        ]
+    if "flower" in sections:
+        s = sections["flower"]
+        rows += [
+            ("2 wall time: fedpriv / Flower built-ins", _fmt(s["wall_ratio"]),
+             f"{_fmt(s['fedpriv_wall_seconds'], 1)}s vs {_fmt(s['flower_wall_seconds'], 1)}s"),
+            ("2 epsilon reported: fedpriv / Flower example", f"{_fmt(s['fedpriv_epsilon'])} / {_fmt(s['flower_epsilon'])}",
+             "Flower's restarts every round"),
+            ("2 test accuracy: fedpriv / Flower", f"{_fmt(s['fedpriv_test_accuracy'], 3)} / {_fmt(s['flower_test_accuracy'], 3)}", ""),
+        ]
+    if "dp_step" in sections:
+        for row in sections["dp_step"]["steps"]:
+            target = "target <= 1.5" if row["mode"] == "ew" else ""
+            rows.append((f"3 DP step / plain step: {row['model']} {row['mode']} b{row['batch_size']}",
+                         _fmt(row["ratio"]) if row["error"] is None else "failed", target))
+        for row in sections["dp_step"]["rounds"]:
+            rows.append((f"3 DP round / plain round: {row['model']} n{row['examples']} b{row['batch_size']}",
+                         _fmt(row["ratio"]), f"{_fmt(row['private_ms'], 0)} ms vs {_fmt(row['plain_ms'], 0)} ms"))
+    if "accounting" in sections:
+        s = sections["accounting"]
+        for name in ("client_dp_sgd", "server_dp_fedavg"):
+            rows.append((f"4 epsilon fedpriv / PLD: {name}", _fmt(s[name]["ratio"], 3),
+                         f"{_fmt(s[name]['fedpriv_epsilon'])} vs {_fmt(s[name]['pld_epsilon'])}"))
+        a = s["against_flower"]
+        rows.append(("4 epsilon_user fedpriv / Flower (no amplification)", _fmt(a["ratio"], 3),
+                     f"{_fmt(a['fedpriv_epsilon_user'])} vs {_fmt(a['flower_epsilon'], 1)}"))
+    for clients, m in sections.get("memory", {}).items():
+        rows.append((f"5 peak memory, {clients} (PSS, all processes)", f"{_fmt(m['peak_pss_mib'], 0)} MiB",
+                     f"summed RSS {_fmt(m['peak_rss_sum_mib'], 0)} MiB"))
+    for clients, s in sections.get("scale", {}).items():
+        rows.append((f"6 seconds per round, {clients} clients, {SAMPLED_PER_ROUND} sampled", _fmt(s["steady_round_seconds"]),
+                     f"first round {_fmt(s['first_round_seconds'], 1)}s"))
+    for name, s in sections.get("utility", {}).items():
+        privacy = s["epsilon_record_max"] if s["epsilon_record_max"] is not None else s["epsilon_user"]
+        rows.append((f"7 test accuracy: {name}", _fmt(s["test_accuracy"], 3),
+                     f"epsilon {_fmt(privacy)}, {_fmt(s['wall_seconds'], 0)}s"))
+    for name, section in sections.items():
+        if isinstance(section, dict) and "error" in section:
+            rows.append((f"{name}: FAILED", "-", section["error"].splitlines()[0]))
+    return rows
+
+
+def render_table(sections: dict[str, Any]) -> str:
+    """The figures as a Markdown table."""
+    lines = ["| figure | measured | target / note |", "|---|---|---|"]
+    lines += [f"| {a} | {b} | {c} |" for a, b, c in table_rows(sections)]
+    return "\n".join(lines)
+
+
+def machine() -> dict[str, Any]:
+    """What the figures were measured on."""
+    import flwr
+    import opacus
+
+    return {
+        "date": datetime.date.today().isoformat(),
+        "cpu_cores": os.cpu_count(),
+        "gpu": torch.cuda.is_available(),
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "flwr": flwr.__version__,
+        "opacus": opacus.__version__,
+    }
+
+
+def workload_overrides(mnist_root: Path | None) -> list[str]:
+    """MNIST-8k and the CNN with a root, else scikit-learn's digits and the MLP."""
+    if mnist_root is None:
+        return ["dataset=digits", "model=mlp"]
+    return ["dataset=mnist", f"dataset.root={mnist_root}", "dataset.split_source=test_file", "model=cnn28"]
+
+
+def run_sections(*, sizes: Sizes, mnist_root: Path | None, work_dir: Path) -> dict[str, Any]:
+    """Run every section ``sizes`` asks for; a failing section is recorded, the rest go on."""
+    workload = workload_overrides(mnist_root)
+    sections: dict[str, Any] = {"workload": workload}
+    steps: list[tuple[str, Callable[[], Any]]] = [
+        ("overhead", lambda: bench_overhead(workload, sizes=sizes, work_dir=work_dir)),
+        ("dp_step", lambda: bench_dp_step(sizes=sizes)),
+        ("accounting", lambda: bench_accounting(sizes=sizes)),
+    ]
+    if sizes.flower:
+        steps.append(("flower", lambda: bench_flower(workload, sizes=sizes, work_dir=work_dir)))
+    if sizes.scale_clients:
+        steps.append(("scale", lambda: bench_scale(sizes=sizes, work_dir=work_dir)))
+    steps.append(("memory", lambda: bench_memory(workload, sizes=sizes, sections=sections, work_dir=work_dir)))
+    if sizes.utility and mnist_root is not None:
+        steps.append(("utility", lambda: bench_utility(workload, work_dir=work_dir)))
+    for name, step in steps:
+        print(f"bench: {name} ...", file=sys.stderr, flush=True)
+        start = time.perf_counter()
+        try:
+            sections[name] = step()
+        except Exception as exc:  # one broken section must not hide the others' figures
+            sections[name] = {"error": f"{type(exc).__name__}: {exc}"}
+        print(f"bench: {name} took {time.perf_counter() - start:.0f}s", file=sys.stderr, flush=True)
+    return sections
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Parse the arguments, run the benchmark, print the table and write the JSON."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    size = parser.add_mutually_exclusive_group()
+    size.add_argument("--quick", action="store_true", help="a few minutes: fewer rounds, no 10,000 clients, no utility")
+    size.add_argument("--smoke", action="store_true", help="the smallest setting, for tests")
+    parser.add_argument("--mnist-root", type=Path, help="folder with the MNIST test file (else digits)")
+    parser.add_argument("--out", type=Path, default=Path("bench.json"), help="where to write the figures")
+    parser.add_argument("--floor", help=argparse.SUPPRESS)  # internal: run compute_floor(JSON overrides)
+    args = parser.parse_args(argv)
+    if args.floor is not None:
+        print(json.dumps(compute_floor(json.loads(args.floor))))
+        return 0
+    mode = "smoke" if args.smoke else "quick" if args.quick else "full"
+    start = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="fedpriv-bench-") as work_dir:
+        sections = run_sections(sizes=SIZES[mode], mnist_root=args.mnist_root, work_dir=Path(work_dir))
+    document = {"mode": mode, "sizes": asdict(SIZES[mode]), "machine": machine(),
+                "seconds": time.perf_counter() - start, **sections}
+    print(render_table(sections))
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(document, indent=2) + "\n")
+    print(f"wrote {args.out} ({document['seconds']:.0f}s)")
+    failed = [name for name, section in sections.items() if isinstance(section, dict) and "error" in section]
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

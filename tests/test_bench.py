@@ -1,0 +1,132 @@
+"""The benchmark harness (scripts/bench.py) in its smallest setting, so it cannot rot.
+
+No timing is asserted: only that every figure is produced and well formed.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, RecordDict
+
+from fedpriv.compose import compose_config
+from fedpriv.experiment import client_examples, load_experiment
+from fedpriv.run_config import flatten
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "scripts"))
+
+import bench  # noqa: E402
+import bench_apps  # noqa: E402
+
+
+def test_smoke_run_writes_every_section(tmp_path):
+    # Prepare
+    out = tmp_path / "bench.json"
+
+    # Execute
+    result = subprocess.run(
+        [sys.executable, str(REPO / "scripts" / "bench.py"), "--smoke", "--out", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=tmp_path,
+    )
+
+    # Assert
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    document = json.loads(out.read_text())
+    assert document["mode"] == "smoke"
+    assert document["machine"]["cpu_cores"] >= 1
+    overhead = document["overhead"]
+    assert overhead["wall_ratio"] > 0
+    assert len(overhead["federation_round_seconds"]) == len(overhead["floor_round_seconds"]) == 1
+    steps = document["dp_step"]["steps"]
+    assert {(row["model"], row["mode"]) for row in steps} == {
+        (model, mode) for model in bench.STEP_MODELS for mode in bench.GRAD_SAMPLE_MODES
+    }
+    assert all(row["ratio"] > 0 for row in document["dp_step"]["rounds"])
+    accounting = document["accounting"]
+    for name in ("client_dp_sgd", "server_dp_fedavg"):
+        assert accounting[name]["fedpriv_epsilon"] > 0
+        assert accounting[name]["pld_epsilon"] > 0
+    assert accounting["against_flower"]["flower_epsilon"] > accounting["against_flower"]["fedpriv_epsilon_user"]
+    assert document["memory"]["2 clients, section 1"]["peak_pss_mib"] > 0
+    assert "| 1 overhead: wall time / compute floor |" in result.stdout
+
+
+def test_peak_memory_counts_grandchildren(tmp_path):
+    # Prepare: a child whose own child holds 200 MiB for a moment
+    grandchild = "import time; block = bytearray(200 * 2**20); time.sleep(1.5)"
+    child = f"import subprocess, sys; subprocess.run([sys.executable, '-c', {grandchild!r}])"
+
+    # Execute
+    process = subprocess.Popen([sys.executable, "-c", child])
+    with bench.PeakMemory(process.pid, interval=0.05) as memory:
+        process.wait()
+
+    # Assert
+    assert memory.peak_pss_mib > 200
+    assert memory.peak_rss_mib >= memory.peak_pss_mib
+
+
+def test_compute_floor_trains_and_evaluates_every_round():
+    # Prepare
+    overrides = ["num_clients=2", "num_rounds=2", "client.local_epochs=1"]
+
+    # Execute
+    floor = bench.compute_floor(overrides)
+
+    # Assert
+    assert len(floor["round_seconds"]) == 2
+    assert floor["setup_seconds"] > 0
+    assert 0.0 <= floor["test_accuracy"] <= 1.0
+
+
+# Flower's example makes an engine without secure_mode and trains a first layer
+# whose input needs no grad; Opacus warns about both, as expected.
+@pytest.mark.filterwarnings("ignore:Secure RNG turned off", "ignore:Full backward hook is firing")
+def test_flower_example_client_reports_only_the_current_round():
+    # Prepare: the same node trains twice with the same state
+    overrides = ["num_clients=3", "client=opacus", "client.local_epochs=1"]
+    context = Context(
+        run_id=1,
+        node_id=1,
+        node_config={"partition-id": 0, "num-partitions": 3},
+        state=RecordDict(),
+        run_config=flatten(compose_config(overrides)),
+    )
+    model = load_experiment(compose_config(overrides)).build_model()
+    content = RecordDict({"arrays": ArrayRecord(model.state_dict()), "config": ConfigRecord({"server-round": 1})})
+
+    # Execute
+    first, second = (
+        bench_apps.train(Message(content=content, message_type=MessageType.TRAIN, dst_node_id=1), context)
+        for _ in range(2)
+    )
+
+    # Assert: a fresh PrivacyEngine every round, so the epsilon never grows
+    epsilons = [reply.content["metrics"]["epsilon"] for reply in (first, second)]
+    assert epsilons[0] > 0
+    assert epsilons[1] == epsilons[0]
+    assert list(first.content["arrays"].keys()) == list(model.state_dict().keys())
+
+
+def test_scale_overrides_give_every_client_data():
+    # Prepare
+    overrides = bench.scale_overrides(100, rounds=2)
+
+    # Execute
+    experiment = load_experiment(compose_config(overrides))
+    sizes = [
+        len(client_examples(experiment, partition_id=i, num_partitions=100)[1]) for i in (0, 99)
+    ]
+
+    # Assert
+    assert isinstance(experiment.dataset, bench_apps.Synthetic)
+    assert min(sizes) >= 2
+    assert experiment.strategy_config["fraction_train"] * 100 == bench.SAMPLED_PER_ROUND
