@@ -12,10 +12,11 @@ import torch
 from flwr.app import ArrayRecord, Context, Error, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
+from clients.node_state import node_state_path, restore_node_state, save_node_state
 from clients.opacus_training import PrivacyBudgetExhausted
 from fedpriv.experiment import client_examples, experiment_from_run_config
 from fedpriv.logs import get_logger
-from fedpriv.protocol import DECLINED_KEY, ROUND_KEY, WEIGHT_KEY
+from fedpriv.protocol import DECLINED_KEY, LEDGER_KEY, ROUND_KEY, WEIGHT_KEY
 from fedpriv.training import evaluate as evaluate_model
 
 logger = get_logger(__name__)
@@ -71,8 +72,29 @@ def train(msg: Message, context: Context) -> Message:
         experiment, partition_id, model, x, y = _prepare(msg, context)
     except (OSError, ValueError) as exc:
         return _error_reply(msg, code=DATA_ERROR, reason=f"client data could not be loaded: {exc}")
+    # audit.level=record: the included canary records of this client join its training data.
+    x, y = experiment.audit.client_data(
+        x,
+        y,
+        partition_id=partition_id,
+        num_partitions=_node_partition(context)[1],
+        input_shape=experiment.dataset.input_shape,
+        num_classes=experiment.dataset.num_classes,
+    )
     server_round = int(msg.content["config"][ROUND_KEY])
     seed = _round_seed(seed=experiment.settings.seed, server_round=server_round, partition_id=partition_id)
+    state_path = node_state_path(
+        node_config=context.node_config,
+        run_config=context.run_config,
+        ledger_id=str(msg.content["config"].get(LEDGER_KEY, "")),
+        partition_id=partition_id,
+    )
+    try:
+        if state_path is not None and restore_node_state(context.state, state_path):
+            logger.info("round %d: privacy ledger restored from %s", server_round, state_path)
+    except ValueError as exc:
+        # Training without the ledger would forget the epsilon it holds.
+        return _error_reply(msg, code=DATA_ERROR, reason=str(exc))
     try:
         outcome = experiment.client.fit(
             model, x, y, seed=seed, state=context.state, planned_rounds=experiment.settings.num_rounds
@@ -82,6 +104,8 @@ def train(msg: Message, context: Context) -> Message:
         return _decline_reply(msg, num_examples=len(y), exhausted=exhausted)
     except (RuntimeError, ValueError) as exc:
         return _error_reply(msg, code=TRAIN_ERROR, reason=f"local training failed: {exc}")
+    if state_path is not None:
+        save_node_state(context.state, state_path)
     metrics = {WEIGHT_KEY: outcome.num_examples, "train_loss": outcome.loss, **outcome.metrics}
     content = RecordDict(
         {"arrays": ArrayRecord(model.state_dict()), "metrics": MetricRecord(metrics)}

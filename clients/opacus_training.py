@@ -130,6 +130,13 @@ def _check_positive(key: str, value: object) -> None:
         raise _fail(key, value, "must be > 0")
 
 
+def _check_non_negative(key: str, value: object) -> None:
+    if isinstance(value, bool) or not isinstance(value, Real) or not math.isfinite(value):
+        raise _fail(key, value, "must be a finite number")
+    if value < 0:
+        raise _fail(key, value, "must be >= 0")
+
+
 def _check_model(model: nn.Module) -> None:
     """Raise ``ValueError`` naming the layers Opacus cannot train privately."""
     with opacus_logging_contained():
@@ -188,8 +195,10 @@ class OpacusTraining:
     weight_decay : float
         L2 penalty.
     noise_multiplier : float or None
-        Noise standard deviation over ``max_grad_norm``. Exactly one of
-        ``noise_multiplier`` and ``target_epsilon`` must be set.
+        Noise standard deviation over ``max_grad_norm``, ``>= 0``. Exactly one
+        of ``noise_multiplier`` and ``target_epsilon`` must be set. 0 only
+        for audits: the run is then not private, and clients report no
+        ``epsilon`` (it is infinite).
     target_epsilon : float or None
         Record-level epsilon to reach after training in all planned rounds; the
         noise multiplier is solved once, on the client's first round, assuming
@@ -205,7 +214,7 @@ class OpacusTraining:
     grad_sample_mode : str
         Opacus per-sample-gradient implementation: ``ew`` (PyTorch's expanded
         weights, the fastest on fedpriv's models, see
-        ``scripts/bench_grad_sample.py``), ``hooks``, ``functorch`` or
+        ``scripts/bench.py``, section 3), ``hooks``, ``functorch`` or
         ``ghost`` (ghost clipping). All give the same update.
     secure_mode : bool
         Opacus' cryptographically secure noise and sampling; needs the
@@ -251,7 +260,9 @@ class OpacusTraining:
                 f"client.target_epsilon={self.target_epsilon}: set exactly one"
             )
         if self.noise_multiplier is not None:
-            _check_positive("noise_multiplier", self.noise_multiplier)
+            _check_non_negative("noise_multiplier", self.noise_multiplier)
+            if self.noise_multiplier == 0:
+                logger.warning("client.noise_multiplier=0: DP-SGD adds no noise; this run is NOT record-level private")
         if self.target_epsilon is not None:
             _check_positive("target_epsilon", self.target_epsilon)
         _check_positive("max_grad_norm", self.max_grad_norm)
@@ -359,7 +370,8 @@ class OpacusTraining:
         TrainOutcome
             ``metrics`` holds the client's cumulative ``epsilon``, its
             ``delta``, the ``noise_multiplier``, the ``sample_rate`` and the
-            total ``steps`` over all rounds it trained in.
+            total ``steps`` over all rounds it trained in; ``epsilon`` and
+            ``delta`` are left out when ``noise_multiplier`` is 0.
 
         Raises
         ------
@@ -423,9 +435,11 @@ class OpacusTraining:
         state[STATE_KEY] = ConfigRecord(
             {**accounting.history_to_lists(trained), "noise_multiplier": noise_multiplier}
         )
+        # Without noise epsilon is infinite: there is no claim to report, and
+        # the server refuses non-finite metrics.
+        claim = {"epsilon": float(epsilon), "delta": float(delta)} if math.isfinite(epsilon) else {}
         metrics = {
-            "epsilon": float(epsilon),
-            "delta": float(delta),
+            **claim,
             "noise_multiplier": float(noise_multiplier),
             "sample_rate": float(sample_rate),
             "steps": sum(steps for _, _, steps in trained),

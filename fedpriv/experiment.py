@@ -21,6 +21,8 @@ from torch import nn
 from fedpriv.run_config import ConfigError, Scalar, build_component, unflatten
 
 GROUPS = ("strategy", "client", "model", "dataset", "partition")
+# Optional groups: a config without them (an older results.json) gets these.
+OPTIONAL_GROUPS = {"audit": {"_target_": "fedpriv.audit.NoAudit"}}
 
 
 @dataclass(frozen=True)
@@ -40,6 +42,9 @@ class RunSettings:
         working directory of the ServerApp.
     round_timeout : float
         Seconds the server waits for replies in a round.
+    resume : str
+        Folder of an earlier run to go on from (its ``checkpoint.pt``); empty
+        for a fresh run. ``scripts/run.py`` checks that the config matches.
     """
 
     num_clients: int
@@ -47,6 +52,7 @@ class RunSettings:
     seed: int = 0
     output_dir: str = ""
     round_timeout: float = 600.0
+    resume: str = ""
 
     def __post_init__(self) -> None:
         """Validate the settings."""
@@ -80,6 +86,8 @@ class Experiment:
         The client's training procedure (from :mod:`clients`).
     strategy_config : Mapping[str, Any]
         The strategy's ``_target_`` node, built by the ServerApp.
+    audit : Any
+        The privacy audit (:mod:`fedpriv.audit`): ``NoAudit`` or ``CanaryAudit``.
     config : Mapping[str, Any]
         The whole nested config, as recorded in ``results.json``.
     """
@@ -90,6 +98,7 @@ class Experiment:
     model_factory: Callable[..., nn.Module]
     client: Any
     strategy_config: Mapping[str, Any]
+    audit: Any
     config: Mapping[str, Any]
 
     def build_model(self) -> nn.Module:
@@ -115,7 +124,7 @@ def load_experiment(config: Mapping[str, Any]) -> Experiment:
     missing = [group for group in GROUPS if group not in config]
     if missing:
         raise ConfigError(f"{missing[0]}: config group missing")
-    top = {k: v for k, v in config.items() if k not in GROUPS and k != "mode"}
+    top = {k: v for k, v in config.items() if k not in GROUPS and k not in OPTIONAL_GROUPS and k != "mode"}
     try:
         settings = RunSettings(**top)
     except TypeError as exc:
@@ -127,8 +136,13 @@ def load_experiment(config: Mapping[str, Any]) -> Experiment:
         model_factory=build_component(config["model"], key="model"),
         client=build_component(config["client"], key="client"),
         strategy_config=config["strategy"],
+        audit=build_component(config.get("audit", OPTIONAL_GROUPS["audit"]), key="audit"),
         config=config,
     )
+    try:
+        experiment.audit.check_strategy(config["strategy"].get("_target_", ""))
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from exc
     return experiment
 
 

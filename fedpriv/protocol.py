@@ -7,3 +7,7 @@ WEIGHT_KEY = "num-examples"
 DECLINED_KEY = "declined"
 # The round number the server puts in every ConfigRecord it sends.
 ROUND_KEY = "server-round"
+# Names the run's privacy ledgers: the server puts it in every training
+# ConfigRecord, and a resumed run keeps it, so clients find the accountant
+# history they wrote before (see clients/node_state.py).
+LEDGER_KEY = "privacy-ledger-id"

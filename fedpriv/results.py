@@ -1,8 +1,9 @@
 """The results contract: ``results.json``, ``metrics.csv``, plots, checkpoints.
 
 ``results.json`` and ``metrics.csv`` are rewritten atomically after every
-round and the global model is checkpointed, so a run that dies keeps every
-completed round. See DESIGN.md section 5 and the README for the fields.
+round and a resumable checkpoint (:mod:`fedpriv.checkpoint`) is written, so a
+run that dies keeps every completed round and can go on from the last one.
+See DESIGN.md section 5 and the README for the fields.
 """
 
 from __future__ import annotations
@@ -17,6 +18,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
+
+from fedpriv.checkpoint import CHECKPOINT_NAME, Checkpoint, save_checkpoint
 
 SCHEMA = 1
 # Always present in every round row, in this order (null where not applicable).
@@ -58,13 +61,26 @@ class RunRecorder:
         The run's folder (created if missing).
     config : Mapping[str, Any]
         The resolved nested config, stored in ``results.json``.
+    ledger_id : str
+        The run's privacy-ledger id, stored in every checkpoint.
+    resumed : Checkpoint or None
+        The checkpoint this run goes on from: its rounds are kept.
     """
 
-    def __init__(self, output_dir: Path, *, config: Mapping[str, Any]) -> None:
+    def __init__(
+        self,
+        output_dir: Path,
+        *,
+        config: Mapping[str, Any],
+        ledger_id: str = "",
+        resumed: Checkpoint | None = None,
+    ) -> None:
         self.output_dir = Path(output_dir)
         self.output_dir.mkdir(parents=True, exist_ok=True)
         self.config = dict(config)
-        self.rounds: list[dict[str, Any]] = []
+        self.ledger_id = ledger_id
+        self.resumed_from_round = resumed.round if resumed else None
+        self.rounds: list[dict[str, Any]] = [dict(row) for row in resumed.rounds] if resumed else []
         self.final: dict[str, Any] | None = None
         self._started = time.perf_counter()
         self._last_mark = self._started
@@ -79,9 +95,17 @@ class RunRecorder:
         self._last_mark = time.perf_counter()
 
     def record_round(
-        self, *, server_round: int, metrics: Mapping[str, Any], state_dict: Mapping[str, torch.Tensor]
+        self,
+        *,
+        server_round: int,
+        metrics: Mapping[str, Any],
+        state_dict: Mapping[str, torch.Tensor],
+        strategy_state: Mapping[str, Any],
     ) -> dict[str, Any]:
-        """Record one finished round, rewrite results and checkpoint the model.
+        """Record one finished round, rewrite results and write a checkpoint.
+
+        ``strategy_state`` goes into the checkpoint with the model, the rows so
+        far and the ledger id, so ``resume=`` can go on after this round.
 
         Returns
         -------
@@ -95,7 +119,17 @@ class RunRecorder:
         row["seconds"] = round(now - self._last_mark, 4)
         self._last_mark = now
         self.rounds.append(row)
-        torch.save({"round": server_round, "state_dict": dict(state_dict)}, self.output_dir / "checkpoint.pt")
+        save_checkpoint(
+            self.output_dir / CHECKPOINT_NAME,
+            Checkpoint(
+                round=server_round,
+                state_dict=dict(state_dict),
+                rounds=self.rounds,
+                strategy_state=dict(strategy_state),
+                ledger_id=self.ledger_id,
+                config=self.config,
+            ),
+        )
         self._write()
         return row
 
@@ -135,7 +169,10 @@ class RunRecorder:
             "config": self.config,
             "rounds": self.rounds,
             "final": self.final,
-            "timing": {"total_seconds": round(time.perf_counter() - self._started, 4)},
+            "timing": {
+                "total_seconds": round(time.perf_counter() - self._started, 4),
+                "resumed_from_round": self.resumed_from_round,
+            },
         }
         _atomic_write(self.results_path, json.dumps(document, indent=2, allow_nan=False) + "\n")
         columns = list(ROUND_FIELDS) + sorted({k for row in self.rounds for k in row} - set(ROUND_FIELDS))
@@ -146,3 +183,42 @@ class RunRecorder:
             writer.writerows(self.rounds)
         os.replace(csv_path.with_suffix(".csv.tmp"), csv_path)
         return document
+
+
+def _strict_json(value: Any) -> Any:
+    if isinstance(value, Mapping):
+        return {key: _strict_json(item) for key, item in value.items()}
+    if isinstance(value, list | tuple):
+        return [_strict_json(item) for item in value]
+    return _json_value(value)
+
+
+def merge_results_section(results_path: Path, *, section: str, values: Mapping[str, Any]) -> dict[str, Any]:
+    """Merge ``values`` into one top-level section of an existing ``results.json``.
+
+    Keys of ``values`` replace the same keys of the section; every other key
+    and section is kept. Used for sections added after a run (``audit``).
+    Non-finite floats become ``null`` so the file stays strict JSON.
+
+    Parameters
+    ----------
+    results_path : Path
+        The run's ``results.json``.
+    section : str
+        Top-level key, e.g. ``"audit"``.
+    values : Mapping[str, Any]
+        JSON-serialisable values to merge in; left untouched.
+
+    Returns
+    -------
+    dict[str, Any]
+        The whole updated document.
+    """
+    path = Path(results_path)
+    document = json.loads(path.read_text())
+    current = document.get(section) or {}
+    if not isinstance(current, dict):
+        raise ValueError(f"{path}: section {section!r} is {type(current).__name__}, not an object")
+    updated = {**document, section: _strict_json({**current, **values})}
+    _atomic_write(path, json.dumps(updated, indent=2, allow_nan=False) + "\n")
+    return updated

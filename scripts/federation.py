@@ -10,7 +10,9 @@ own, with logs (``superlink.log``, ``supernode-<i>.log``) and PID files in
 DIR. It waits until all N SuperNodes are online (asked through the SuperLink's
 Control API), writes the address to use as ``mode.address`` to ``DIR/address``
 (and everything else to ``DIR/federation.json``), prints it and returns.
-SuperNode ``i`` gets ``--node-config "partition-id=i num-partitions=N"``.
+SuperNode ``i`` gets ``--node-config "partition-id=i num-partitions=N
+ledger-dir=DIR/ledgers/supernode-i"``: the folder where its ClientApp keeps
+its privacy ledger across runs, so a resumed run forgets no epsilon.
 
 ``stop`` ends exactly the processes ``start`` launched, found through the
 PIDs in DIR (checked against their recorded start times, so a recycled PID
@@ -430,6 +432,12 @@ def _same_process(pid: int, state: dict) -> bool:
     return recorded is None or current is None or recorded == current
 
 
+def _node_config(directory: Path, *, index: int, num_supernodes: int) -> str:
+    """The ``--node-config`` of SuperNode ``index``: its partition and its own ledger folder."""
+    ledger_dir = directory / "ledgers" / f"supernode-{index}"
+    return f'partition-id={index} num-partitions={num_supernodes} ledger-dir="{ledger_dir}"'
+
+
 def start_federation(
     directory: str | os.PathLike[str],
     num_supernodes: int,
@@ -447,7 +455,7 @@ def start_federation(
         Folder for logs, PID files, certificates and ``federation.json``.
     num_supernodes : int
         SuperNodes to start; node ``i`` gets ``partition-id=i
-        num-partitions=num_supernodes``.
+        num-partitions=num_supernodes`` and its own ``ledger-dir``.
     tls : bool
         Serve TLS with a CA created in ``directory`` (else plain HTTP).
     auth : bool
@@ -522,7 +530,7 @@ def start_federation(
         for index, port in enumerate(node_ports):
             node_cmd = [_bin("flower-supernode"), "--superlink", address, "--host", HOST,
                         "--port", str(port),
-                        "--node-config", f"partition-id={index} num-partitions={num_supernodes}"]
+                        "--node-config", _node_config(directory, index=index, num_supernodes=num_supernodes)]
             if certificates:
                 node_cmd += ["--root-certificates", str(certificates["ca"])]
             else:

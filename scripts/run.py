@@ -30,6 +30,7 @@ if str(REPO) not in sys.path:
     # Running from a checkout without `pip install -e .` still finds the packages.
     sys.path.insert(0, str(REPO))
 
+from fedpriv.checkpoint import check_resumable, load_checkpoint  # noqa: E402
 from fedpriv.experiment import client_examples, load_experiment  # noqa: E402
 from fedpriv.run_config import ConfigError, build_component, flatten  # noqa: E402
 
@@ -52,9 +53,13 @@ def prepare(cfg: DictConfig, *, output_dir: str):
         nested = OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
     except Exception as exc:  # OmegaConf raises several unrelated types for bad interpolations
         raise ConfigError(f"config could not be resolved: {exc}".splitlines()[0]) from exc
+    if nested.get("resume"):
+        nested["resume"], nested["output_dir"] = _resume_folder(nested)
     if not nested.get("output_dir"):
         nested["output_dir"] = output_dir
     experiment = load_experiment(nested)
+    if experiment.settings.resume:
+        check_resumable(load_checkpoint(experiment.settings.resume), config=nested, run_dir=experiment.settings.resume)
     build_component(experiment.strategy_config, key="strategy")
     experiment.build_model()
     try:
@@ -65,6 +70,22 @@ def prepare(cfg: DictConfig, *, output_dir: str):
         raise ConfigError(str(exc)) from exc
     mode = build_component(nested["mode"], key="mode")
     return experiment, mode, flatten(nested)
+
+
+def _resume_folder(nested: dict) -> tuple[str, str]:
+    """The absolute folder to resume, which is also the run's output folder.
+
+    Raises
+    ------
+    ConfigError
+        If ``output_dir`` names another folder.
+    """
+    folder = Path(str(nested["resume"])).expanduser().resolve()
+    if nested.get("output_dir") and Path(str(nested["output_dir"])).expanduser().resolve() != folder:
+        raise ConfigError(
+            f"output_dir={nested['output_dir']}: a resumed run writes into its own folder, resume={folder}"
+        )
+    return str(folder), str(folder)
 
 
 def _first_of_each_sweep(args: list[str], *, multirun: bool) -> list[str]:

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import math
 import secrets
+from collections.abc import Mapping, Sequence
+from typing import Any, Protocol
 
 import numpy as np
 from flwr.serverapp import Grid
@@ -23,6 +25,8 @@ from fedpriv.privacy import (
     bounded_weight,
     compute_epsilon,
     fixed_denominator,
+    history_from_lists,
+    history_to_lists,
     next_clipping_norm,
     noise_std,
     noisy_unclipped_fraction,
@@ -34,6 +38,20 @@ from strategies.weighted_fedavg import StopRun, WeightedFedAvg
 logger = get_logger(__name__)
 
 SAMPLING = ("poisson",)
+
+
+class ExtraUpdates(Protocol):
+    """Source of extra client updates aggregated with the replies (audit canaries).
+
+    Called once per round; returns updates (one array per layer, shaped like
+    ``like``) that the strategy treats exactly like clients' updates: clipped
+    to ``clipping_norm``, weight 1, summed over the fixed denominator, then
+    noised. See :class:`fedpriv.audit.canaries.CanaryClients`.
+    """
+
+    def __call__(
+        self, *, server_round: int, clipping_norm: float, sample_rate: float, like: Sequence[np.ndarray]
+    ) -> list[list[np.ndarray]]: ...
 
 
 def _positive(key: str, value: float) -> float:
@@ -101,12 +119,18 @@ class DPFedAvg(WeightedFedAvg):
         the OS: amplification by sampling and the noise itself assume that
         nobody who sees the model can recompute the sample or the noise, and
         ``results.json`` publishes the config.
+    extra_updates : ExtraUpdates or None
+        Audit canaries (``audit=canary``): their updates join each round's
+        clipped sum before the noise, counted in the round's ``num_canaries``.
     **kwargs
         Passed to :class:`WeightedFedAvg` (``min_available_nodes``,
         ``server_lr``, ``fraction_evaluate``, ...). Training sampling is
         Poisson, so ``fraction_train`` and ``min_train_nodes`` do not apply,
         and ``min_valid_replies`` neither: every round releases a model.
     """
+
+    accepts_extra_updates = True
+    """This strategy takes ``extra_updates`` (what ``audit.level=client`` needs)."""
 
     def __init__(
         self,
@@ -123,6 +147,7 @@ class DPFedAvg(WeightedFedAvg):
         sampling: str = "poisson",
         sampling_seed: int | None = None,
         noise_seed: int | None = None,
+        extra_updates: ExtraUpdates | None = None,
         **kwargs,
     ) -> None:
         super().__init__(**kwargs)
@@ -154,11 +179,19 @@ class DPFedAvg(WeightedFedAvg):
         self.target_delta = target_delta
         self.accountant = accountant
         self.max_epsilon = max_epsilon
+        self.extra_updates = extra_updates
         self.denominator = fixed_denominator(sample_rate=self.sample_rate, num_clients=num_clients)
         self.history: list[tuple[float, float, int]] = []
         self.epsilon_user = 0.0
         self._sampling_rng = np.random.default_rng(sampling_seed if sampling_seed is not None else secrets.randbits(128))
         self._noise_rng = np.random.default_rng(noise_seed if noise_seed is not None else secrets.randbits(128))
+        # Only seeded generators go into checkpoints: the state of an OS-seeded
+        # one on disk would let a reader recompute the noise of later rounds.
+        self._seeded_rngs = {
+            name: rng
+            for name, rng, seed in (("sampling", self._sampling_rng, sampling_seed), ("noise", self._noise_rng, noise_seed))
+            if seed is not None
+        }
         self._round_stats: dict[str, float] = {}
         if self.noise_multiplier == 0:
             logger.warning("strategy.noise_multiplier=0: the server adds no noise; this run is NOT private")
@@ -221,14 +254,25 @@ class DPFedAvg(WeightedFedAvg):
             bounded_weight(r.num_examples, weight_cap=self.weight_cap, weighted=self.weighted) for r in valid
         ]
         clipping_norm = self.clipping_norm
+        extra = []
+        if self.extra_updates is not None:
+            extra = self.extra_updates(
+                server_round=server_round, clipping_norm=clipping_norm, sample_rate=self.sample_rate, like=self._global
+            )
         average, stats = aggregate_clipped(
-            updates, weights, clipping_norm=clipping_norm, denominator=self.denominator, like=self._global
+            updates + extra,
+            weights + [1.0] * len(extra),
+            clipping_norm=clipping_norm,
+            denominator=self.denominator,
+            like=self._global,
         )
         std = noise_std(
             noise_multiplier=self.update_noise_multiplier, clipping_norm=clipping_norm, denominator=self.denominator
         )
         noisy = add_gaussian_noise(average, std=std, rng=self._noise_rng)
         self._round_stats = {"clipping_norm": clipping_norm, "noise_std": std, "clip_fraction": stats.clip_fraction}
+        if self.extra_updates is not None:
+            self._round_stats["num_canaries"] = len(extra)
         self.after_clipping(stats.norms)
         return [(base + update).astype(base.dtype) for base, update in zip(self._global, noisy, strict=True)]
 
@@ -252,6 +296,44 @@ class DPFedAvg(WeightedFedAvg):
         """Client-level epsilon spent by the run, plus record-level from clients."""
         summary = super().privacy_summary()
         return {**summary, "epsilon_user": self.epsilon_user, "delta_user": self.target_delta}
+
+    def resume_state(self) -> dict[str, Any]:
+        """The base state plus the accountant history, the clipping norm and seeded RNG states."""
+        return {
+            **super().resume_state(),
+            "history": history_to_lists(self.history),
+            "clipping_norm": self.clipping_norm,
+            "rng_states": {name: rng.bit_generator.state for name, rng in self._seeded_rngs.items()},
+        }
+
+    def restore(self, state: Mapping[str, Any], *, completed_rounds: int) -> None:
+        """Go on from a checkpoint with the accountant history of every round released so far.
+
+        Raises
+        ------
+        ValueError
+            If the checkpoint holds no accountant history while rounds were completed.
+        """
+        super().restore(state, completed_rounds=completed_rounds)
+        if "history" not in state:
+            raise ValueError(
+                f"strategy state after {completed_rounds} rounds has no accountant history: "
+                "the checkpoint is not from a DP-FedAvg run"
+            )
+        self.history = history_from_lists(state["history"])
+        self.epsilon_user = self._epsilon_after(self.history) if self.history else 0.0
+        self.clipping_norm = _positive("clipping_norm", state["clipping_norm"])
+        for name, rng_state in state.get("rng_states", {}).items():
+            if name in self._seeded_rngs:
+                self._seeded_rngs[name].bit_generator.state = rng_state
+        logger.info(
+            "%s resumed after round %d: epsilon_user %.4g over %d releases, clipping_norm %g",
+            type(self).__name__,
+            completed_rounds,
+            self.epsilon_user,
+            sum(steps for _, _, steps in self.history),
+            self.clipping_norm,
+        )
 
 
 class AdaptiveDPFedAvg(DPFedAvg):

@@ -5,10 +5,15 @@ Flower's ``Strategy.start`` owns the round loop. This module supplies its
 split after every round, and the :class:`~fedpriv.results.RunRecorder` writes
 the round's row and a checkpoint. A :class:`~strategies.weighted_fedavg.StopRun`
 raised by the strategy ends the run cleanly with the model saved.
+
+With ``resume`` set, the run goes on from the checkpoint in that folder: the
+model, the rounds so far, the strategy's privacy state and the privacy-ledger
+id under which the clients find their own accountant histories.
 """
 
 from __future__ import annotations
 
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -16,9 +21,11 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord
 from flwr.serverapp import Grid, ServerApp
 
+from fedpriv.checkpoint import Checkpoint, check_resumable, load_checkpoint
 from fedpriv.experiment import Experiment, experiment_from_run_config
 from fedpriv.logs import get_logger
-from fedpriv.results import RunRecorder
+from fedpriv.protocol import LEDGER_KEY
+from fedpriv.results import RunRecorder, merge_results_section
 from fedpriv.run_config import build_component
 from fedpriv.training import evaluate
 from strategies.weighted_fedavg import StopRun, WeightedFedAvg
@@ -51,15 +58,30 @@ def run_experiment(grid: Grid, experiment: Experiment, *, default_output_dir: Pa
     """
     settings = experiment.settings
     output_dir = Path(settings.output_dir) if settings.output_dir else default_output_dir
-    strategy: WeightedFedAvg = build_component(experiment.strategy_config, key="strategy")
+    strategy: WeightedFedAvg = build_component(
+        experiment.strategy_config, key="strategy", **experiment.audit.strategy_kwargs()
+    )
     torch.manual_seed(settings.seed)
     model = experiment.build_model()
+    # The model before round 1 (seeded, so a resumed run rebuilds the same): the audit's theta_0.
+    initial_state = {name: value.clone() for name, value in model.state_dict().items()}
     splits = experiment.dataset.load()
-    recorder = RunRecorder(output_dir, config=experiment.config)
+    resumed: Checkpoint | None = load_checkpoint(settings.resume) if settings.resume else None
+    done = 0
+    if resumed is not None:
+        check_resumable(resumed, config=experiment.config, run_dir=settings.resume)
+        done = resumed.round
+        model.load_state_dict(resumed.state_dict)
+        strategy.restore(resumed.strategy_state, completed_rounds=done)
+        logger.info("resuming %s after round %d of %d", settings.resume, done, settings.num_rounds)
+    ledger_id = resumed.ledger_id if resumed is not None else uuid.uuid4().hex
+    recorder = RunRecorder(output_dir, config=experiment.config, ledger_id=ledger_id, resumed=resumed)
     latest = {"state_dict": model.state_dict(), "test_loss": None, "test_accuracy": None}
     logger.info("fedpriv run: results go to %s", output_dir.resolve())
 
     def evaluate_global(server_round: int, arrays: ArrayRecord) -> MetricRecord:
+        # Flower counts the rounds of this process from 1; the run's go on after `done`.
+        server_round += done if server_round else 0
         state_dict = arrays.to_torch_state_dict()
         model.load_state_dict(state_dict)
         loss, accuracy = evaluate(model, splits.test_x, splits.test_y)
@@ -68,7 +90,12 @@ def run_experiment(grid: Grid, experiment: Experiment, *, default_output_dir: Pa
             recorder.start_clock()
         else:
             metrics = {**strategy.train_metrics.get(server_round, {}), "test_loss": loss, "test_accuracy": accuracy}
-            row = recorder.record_round(server_round=server_round, metrics=metrics, state_dict=state_dict)
+            row = recorder.record_round(
+                server_round=server_round,
+                metrics=metrics,
+                state_dict=state_dict,
+                strategy_state=strategy.resume_state(),
+            )
             logger.info(
                 "round %d/%d: test accuracy %.4f, %d clients, %d rejected, %.1fs%s | %s",
                 server_round,
@@ -87,9 +114,9 @@ def run_experiment(grid: Grid, experiment: Experiment, *, default_output_dir: Pa
         strategy.start(
             grid=grid,
             initial_arrays=ArrayRecord(model.state_dict()),
-            num_rounds=settings.num_rounds,
+            num_rounds=settings.num_rounds - done,
             timeout=settings.round_timeout,
-            train_config=ConfigRecord(),
+            train_config=ConfigRecord({LEDGER_KEY: ledger_id}),
             evaluate_fn=evaluate_global,
         )
         stop = strategy.stop
@@ -102,12 +129,23 @@ def run_experiment(grid: Grid, experiment: Experiment, *, default_output_dir: Pa
         "test_loss": latest["test_loss"],
         **strategy.privacy_summary(),
     }
-    return recorder.finish(
+    document = recorder.finish(
         stopped_reason=stop.reason if stop else "completed",
         detail=stop.detail if stop else "",
         final=final,
         state_dict=latest["state_dict"],
     )
+    audit = experiment.audit.report(
+        initial_state=initial_state,
+        final_state=latest["state_dict"],
+        model=model,
+        input_shape=experiment.dataset.input_shape,
+        num_classes=experiment.dataset.num_classes,
+        privacy=final,
+    )
+    if audit is None:
+        return document
+    return merge_results_section(recorder.results_path, section="audit", values=audit)
 
 
 @app.main()

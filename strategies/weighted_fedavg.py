@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
+from typing import Any
 
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
@@ -88,6 +89,11 @@ class WeightedFedAvg(Strategy):
     ``num_sampled = num_clients + num_rejected + num_declined +
     num_unreachable``.
 
+    Resuming. :meth:`resume_state` is what a checkpoint keeps and
+    :meth:`restore` puts it back: Flower's round loop then counts from 1
+    again, and the strategy shifts every round number by the rounds already
+    completed, so sampling seeds, round keys and metrics go on from there.
+
     Parameters
     ----------
     fraction_train : float
@@ -150,6 +156,10 @@ class WeightedFedAvg(Strategy):
         self.declined_nodes: set[int] = set()
         self.record_epsilon: dict[int, float] = {}
         self.record_delta: float | None = None
+        # Record-level epsilon reported before a resume: node ids change
+        # between runs, so only the maximum carries over.
+        self.record_epsilon_floor = 0.0
+        self.round_offset = 0
         self._known_nodes: set[int] = set()  # every node seen connected in this run
         self._started = False  # min_available_nodes was reached once
         self._last_nodes: set[int] = set()  # connected at the last look
@@ -276,6 +286,7 @@ class WeightedFedAvg(Strategy):
         StopRun
             When an earlier round decided that the run must end.
         """
+        server_round += self.round_offset
         if self.stop is not None:
             raise self.stop
         self._spec = array_spec(arrays)
@@ -315,9 +326,12 @@ class WeightedFedAvg(Strategy):
             if "delta" in reply.metrics:
                 self.record_delta = max(self.record_delta or 0.0, reply.metrics["delta"])
         if not self.record_epsilon:
-            return {}
+            return {"epsilon_record_max": self.record_epsilon_floor} if self.record_epsilon_floor else {}
         spent = list(self.record_epsilon.values())
-        return {"epsilon_record_max": max(spent), "epsilon_record_mean": sum(spent) / len(spent)}
+        return {
+            "epsilon_record_max": max(self.record_epsilon_floor, *spent),
+            "epsilon_record_mean": sum(spent) / len(spent),
+        }
 
     def releases_update(self, valid: list[TrainReply]) -> bool:
         """Whether this round updates the model (enough valid replies)."""
@@ -340,6 +354,7 @@ class WeightedFedAvg(Strategy):
         any reply by ``round_timeout`` count in ``num_unreachable``, not in
         ``num_rejected``.
         """
+        server_round += self.round_offset
         replies = list(replies)
         # Flower's stand-in reply comes from the SuperLink (src_node_id 1), not
         # from the node: the unreachable nodes are the sampled ones without an
@@ -401,12 +416,29 @@ class WeightedFedAvg(Strategy):
 
     def privacy_summary(self) -> dict[str, float | None]:
         """Privacy spent by the whole run; ``None`` where that kind of privacy is off."""
+        spent = [self.record_epsilon_floor, *self.record_epsilon.values()]
         return {
             "epsilon_user": None,
             "delta_user": None,
-            "epsilon_record_max": max(self.record_epsilon.values()) if self.record_epsilon else None,
+            "epsilon_record_max": max(spent) if any(spent) else None,
             "delta_record": self.record_delta,
         }
+
+    def resume_state(self) -> dict[str, Any]:
+        """What a checkpoint keeps so that :meth:`restore` can go on after this round."""
+        summary = WeightedFedAvg.privacy_summary(self)
+        return {
+            "epsilon_record_max": summary["epsilon_record_max"],
+            "delta_record": self.record_delta,
+        }
+
+    def restore(self, state: Mapping[str, Any], *, completed_rounds: int) -> None:
+        """Go on from a checkpoint: ``state`` from :meth:`resume_state` after ``completed_rounds``."""
+        if isinstance(completed_rounds, bool) or not isinstance(completed_rounds, int) or completed_rounds < 0:
+            raise ValueError(f"completed_rounds={completed_rounds!r}: must be an integer >= 0")
+        self.round_offset = completed_rounds
+        self.record_epsilon_floor = float(state.get("epsilon_record_max") or 0.0)
+        self.record_delta = state.get("delta_record")
 
     def configure_evaluate(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
@@ -414,6 +446,7 @@ class WeightedFedAvg(Strategy):
         """Ask a sample of nodes to evaluate the global model (off when fraction is 0)."""
         if self.fraction_evaluate == 0.0:
             return []
+        server_round += self.round_offset
         self._round = server_round
         node_ids = sample_node_ids(
             self._connected_nodes(grid),

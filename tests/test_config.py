@@ -18,7 +18,7 @@ from fedpriv.run_config import ConfigError, build_component, flatten, unflatten
 REPO = Path(__file__).resolve().parents[1]
 GROUP_OPTIONS = {
     group: sorted(p.stem for p in (REPO / "conf" / group).glob("*.yaml"))
-    for group in ("strategy", "client", "model", "dataset", "partition", "mode")
+    for group in ("strategy", "client", "model", "dataset", "partition", "mode", "audit")
 }
 
 

@@ -18,6 +18,7 @@ import tomllib
 from pathlib import Path
 
 import pytest
+import torch
 
 from fedpriv.deployment import DeploymentMode
 
@@ -102,7 +103,7 @@ def test_two_rounds_on_a_local_insecure_federation_then_a_failing_run(tmp_path):
         stop_and_assert_gone(directory, started)
 
 
-def test_two_rounds_over_tls_with_supernode_authentication(tmp_path):
+def test_two_rounds_over_tls_with_supernode_authentication_then_a_resumed_third(tmp_path):
     # Prepare
     directory = tmp_path / "federation"
     fed = federation.start_federation(directory, 2, tls=True, auth=True)
@@ -120,6 +121,16 @@ def test_two_rounds_over_tls_with_supernode_authentication(tmp_path):
         # Assert
         assert f"mode.root_certificates={fed.root_certificates}" in fed.mode_overrides()
         assert_completed_rounds(result, out, rounds=2)
+
+        # Execute: a new ServerApp goes on from the checkpoint for a third round
+        resumed, _ = run_experiment(tmp_path, *fed.mode_overrides(), *EXPERIMENT, "num_rounds=3", f"resume={out}")
+
+        # Assert: each SuperNode kept its ledger on its own disk, so epsilon went on growing
+        assert_completed_rounds(resumed, out, rounds=3)
+        ledger_id = torch.load(out / "checkpoint.pt", weights_only=True)["ledger_id"]
+        ledgers = sorted(directory.glob(f"ledgers/supernode-*/{ledger_id}/partition-*.json"))
+        assert [p.relative_to(directory / "ledgers").parts[0] for p in ledgers] == ["supernode-0", "supernode-1"]
+        assert not (out / "client-state").exists()
     finally:
         stop_and_assert_gone(directory, started)
 
