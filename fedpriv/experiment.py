@@ -66,6 +66,10 @@ class RunSettings:
             raise ConfigError(f"num_rounds={self.num_rounds}: must be >= 1")
         if not (math.isfinite(self.round_timeout) and self.round_timeout > 0):
             raise ConfigError(f"round_timeout={self.round_timeout}: must be > 0")
+        if self.resume and self.output_dir != self.resume:
+            # Clients without a ledger-dir of their own keep their privacy
+            # ledgers under output_dir: a resumed run must look in the same place.
+            raise ConfigError(f"output_dir={self.output_dir!r}: a resumed run writes into resume={self.resume!r}")
 
 
 @dataclass(frozen=True)

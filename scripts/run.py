@@ -134,8 +134,11 @@ def check_overrides(args: list[str]) -> None:
 
     # Flags such as `--cfg job` are Hydra's; overrides are the `key=value` words.
     overrides = [arg for arg in args if "=" in arg and not arg.startswith("-")]
+    multirun = "-m" in args or "--multirun" in args
+    resumed = [arg for arg in overrides if arg.startswith("resume=") and arg != "resume="]
+    if multirun and resumed:
+        raise ConfigError(f"{resumed[0]}: a sweep cannot resume (every job would write into that one folder)")
     try:
-        multirun = "-m" in args or "--multirun" in args
         config = compose_config(_first_of_each_sweep(overrides, multirun=multirun))
     except (HydraException, OmegaConfBaseException) as exc:
         raise ConfigError(_one_line(exc)) from exc

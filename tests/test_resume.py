@@ -26,6 +26,7 @@ from fedpriv.checkpoint import (
     save_checkpoint,
 )
 from fedpriv.compose import compose_config
+from fedpriv.experiment import load_experiment
 from fedpriv.privacy import compute_epsilon
 from fedpriv.protocol import LEDGER_KEY, ROUND_KEY
 from fedpriv.run_config import ConfigError
@@ -317,3 +318,23 @@ def test_resume_with_a_changed_experiment_is_refused_in_one_line(tmp_path):
     assert result.stderr.strip().splitlines() == [
         f"config error: resume={out}: the config differs from the checkpoint's: client.lr: 0.05 -> 0.5"
     ]
+
+
+def test_a_sweep_cannot_resume(tmp_path):
+    # Execute
+    result = run(tmp_path, "-m", "seed=0,1", f"resume={tmp_path}", check=False)
+
+    # Assert
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [
+        f"config error: resume={tmp_path}: a sweep cannot resume (every job would write into that one folder)"
+    ]
+
+
+def test_a_resumed_run_writes_into_the_folder_it_resumes():
+    # Prepare
+    config = compose_config(["resume=/runs/a", "output_dir=/runs/b"])
+
+    # Execute / Assert
+    with pytest.raises(ConfigError, match="output_dir='/runs/b': a resumed run writes into resume='/runs/a'"):
+        load_experiment(config)
