@@ -3,14 +3,21 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
+from collections.abc import Sequence
+from pathlib import Path
 
 # Flower reads this when first imported.
 os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
 
+import dp_accounting
 import numpy as np
 import pytest
 from flwr.app import Array, ArrayRecord, Error, Message, MessageType, MetricRecord, RecordDict
 from flwr.supercore.task_identity import TaskIdentity
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(autouse=True, scope="session")
@@ -56,3 +63,28 @@ class FakeGrid:
 
     def get_node_ids(self):
         return list(self.node_ids)
+
+
+def pld_epsilon(history: Sequence[tuple[float, float, int]], *, delta: float) -> float:
+    """The independent reference: Google dp-accounting's PLD epsilon.
+
+    ``history`` holds ``(noise_multiplier, sample_rate, steps)`` runs of
+    Poisson-subsampled Gaussian releases, composed in order.
+    """
+    accountant = dp_accounting.pld.PLDAccountant(value_discretization_interval=1e-4)
+    for noise_multiplier, sample_rate, steps in history:
+        event = dp_accounting.PoissonSampledDpEvent(sample_rate, dp_accounting.GaussianDpEvent(noise_multiplier))
+        accountant.compose(dp_accounting.SelfComposedDpEvent(event, steps))
+    return accountant.get_epsilon(delta)
+
+
+def run_project_script(name: str, *args: str, cwd: Path, timeout: float = 300) -> subprocess.CompletedProcess:
+    """Run ``scripts/<name>`` in a child Python that imports this checkout."""
+    return subprocess.run(
+        [sys.executable, str(REPO / "scripts" / name), *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=cwd,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+    )

@@ -6,6 +6,7 @@ import math
 import dp_accounting
 import numpy as np
 import pytest
+from conftest import pld_epsilon
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from opacus.accountants import RDPAccountant
@@ -36,24 +37,10 @@ PRV_RTOL = 0.02
 RDP_MAX_RATIO = 1.25
 
 
-def _pld_epsilon(history, delta):
-    accountant = dp_accounting.pld.PLDAccountant(value_discretization_interval=1e-4)
-    for noise_multiplier, sample_rate, steps in history:
-        accountant.compose(
-            dp_accounting.SelfComposedDpEvent(
-                dp_accounting.PoissonSampledDpEvent(
-                    sample_rate, dp_accounting.GaussianDpEvent(noise_multiplier)
-                ),
-                steps,
-            )
-        )
-    return accountant.get_epsilon(delta)
-
-
 @pytest.fixture(scope="module")
 def live_pld():
     return {
-        name: _pld_epsilon(history, delta)
+        name: pld_epsilon(history, delta=delta)
         for name, (history, delta, _) in PLD_CASES.items()
     }
 

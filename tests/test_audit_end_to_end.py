@@ -3,16 +3,12 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+from conftest import run_project_script
 
 from fedpriv.audit.lower_bound import epsilon_lower_bound
-
-REPO = Path(__file__).resolve().parents[1]
 
 
 def strict_json(path: Path) -> dict:
@@ -20,14 +16,6 @@ def strict_json(path: Path) -> dict:
         raise ValueError(f"{path} holds {constant}: not strict JSON")
 
     return json.loads(path.read_text(), parse_constant=refuse)
-
-
-def script(name: str, *args: str, cwd: Path) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
-    return subprocess.run(
-        [sys.executable, str(REPO / "scripts" / name), *args],
-        capture_output=True, text=True, timeout=300, cwd=cwd, env=env,
-    )
 
 
 def test_noise_free_run_is_caught_by_the_audit_and_membership_is_added(tmp_path):
@@ -40,7 +28,7 @@ def test_noise_free_run_is_caught_by_the_audit_and_membership_is_added(tmp_path)
     ]
 
     # Execute: the run
-    run = script("run.py", *overrides, cwd=tmp_path)
+    run = run_project_script("run.py", *overrides, cwd=tmp_path)
 
     # Assert: every guess right, no claim, and the log says so
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
@@ -57,7 +45,7 @@ def test_noise_free_run_is_caught_by_the_audit_and_membership_is_added(tmp_path)
     assert "NOT client-level private" in run.stdout + run.stderr
 
     # Execute: membership inference on the finished run
-    attack = script("audit.py", str(out), "--shadow-models", "2", "--shadow-epochs", "1", cwd=tmp_path)
+    attack = run_project_script("audit.py", str(out), "--shadow-models", "2", "--shadow-epochs", "1", cwd=tmp_path)
 
     # Assert: audit.membership added, every other section and key kept
     assert attack.returncode == 0, attack.stderr[-3000:]
@@ -82,7 +70,7 @@ def test_noise_free_run_is_caught_by_the_audit_and_membership_is_added(tmp_path)
 )
 def test_bad_audit_input_is_one_line_and_exit_2(tmp_path, script_name, args, expected):
     # Execute
-    result = script(script_name, *args, cwd=tmp_path)
+    result = run_project_script(script_name, *args, cwd=tmp_path)
 
     # Assert
     assert result.returncode == 2

@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-import dp_accounting
 import numpy as np
 import pytest
-from conftest import FakeGrid, arrays_record, error_reply, reply
+from conftest import FakeGrid, arrays_record, error_reply, pld_epsilon, reply
 from flwr.app import ConfigRecord
 from flwr.supercore.differential_privacy import compute_stdv
 from hypothesis import given, settings
@@ -104,12 +103,6 @@ def test_equal_weights_and_full_participation_match_flowers_fixed_clipping_std()
     assert metrics["noise_std"] == pytest.approx(compute_stdv(0.8, 2.0, 10))
 
 
-def pld_epsilon(*, noise_multiplier, sample_rate, rounds, delta):
-    accountant = dp_accounting.pld.PLDAccountant(value_discretization_interval=1e-4)
-    event = dp_accounting.PoissonSampledDpEvent(sample_rate, dp_accounting.GaussianDpEvent(noise_multiplier))
-    accountant.compose(dp_accounting.SelfComposedDpEvent(event, rounds))
-    return accountant.get_epsilon(delta)
-
 
 def test_epsilon_user_per_round_matches_dp_accounting_pld():
     # Prepare: 100 clients, q = 0.1, z = 1.0, delta 1e-5
@@ -126,7 +119,7 @@ def test_epsilon_user_per_round_matches_dp_accounting_pld():
 
     # Assert
     for server_round in (1, 10, 50):
-        expected = pld_epsilon(noise_multiplier=1.0, sample_rate=0.1, rounds=server_round, delta=1e-5)
+        expected = pld_epsilon([(1.0, 0.1, server_round)], delta=1e-5)
         assert epsilons[server_round] == pytest.approx(expected, rel=0.02)
     assert all(epsilons[r] < epsilons[r + 1] for r in range(1, 50))
 

@@ -11,9 +11,9 @@ import sys
 import textwrap
 from pathlib import Path
 
-import dp_accounting
 import pytest
 import torch
+from conftest import pld_epsilon
 from flwr.app import RecordDict
 from torch import nn
 
@@ -75,19 +75,6 @@ def _train_rounds(training, rounds, *, state, x, y, planned_rounds=1):
     ]
 
 
-def _pld_epsilon(*, sample_rate: float, noise_multiplier: float, steps: int, delta: float) -> float:
-    accountant = dp_accounting.pld.PLDAccountant(value_discretization_interval=1e-4)
-    accountant.compose(
-        dp_accounting.SelfComposedDpEvent(
-            dp_accounting.PoissonSampledDpEvent(
-                sample_rate, dp_accounting.GaussianDpEvent(noise_multiplier)
-            ),
-            steps,
-        )
-    )
-    return accountant.get_epsilon(delta)
-
-
 def _stored(state: RecordDict) -> dict:
     return {
         key: list(value) if isinstance(value, list) else value
@@ -113,7 +100,7 @@ def test_epsilon_after_three_rounds_matches_pld_and_steps_compose(client_a):
     metrics = outcomes[-1].metrics
 
     # Assert
-    expected = _pld_epsilon(sample_rate=0.1, noise_multiplier=1.0, steps=30, delta=1e-5)
+    expected = pld_epsilon([(1.0, 0.1, 30)], delta=1e-5)
     assert metrics["epsilon"] == pytest.approx(expected, rel=PLD_RTOL)
     assert (metrics["sample_rate"], metrics["delta"], metrics["steps"]) == (0.1, 1e-5, 30)
     assert _stored(state)["steps"] == [30]

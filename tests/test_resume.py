@@ -3,15 +3,13 @@
 from __future__ import annotations
 
 import json
-import os
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from conftest import FakeGrid, arrays_record, reply
+from conftest import FakeGrid, arrays_record, reply, run_project_script
 from flwr.app import ConfigRecord, RecordDict
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -28,11 +26,10 @@ from fedpriv.checkpoint import (
 from fedpriv.compose import compose_config
 from fedpriv.experiment import load_experiment
 from fedpriv.privacy import compute_epsilon
-from fedpriv.protocol import LEDGER_KEY, ROUND_KEY
+from fedpriv.protocol import ROUND_KEY
 from fedpriv.run_config import ConfigError
-from strategies import AdaptiveDPFedAvg, DPFedAvg, WeightedFedAvg
+from strategies import AdaptiveDPFedAvg, WeightedFedAvg
 
-REPO = Path(__file__).resolve().parents[1]
 SHAPES = {"w": (4, 3), "b": (3,)}
 GLOBAL = {name: np.zeros(shape, dtype=np.float32) for name, shape in SHAPES.items()}
 NODES = range(1, 11)
@@ -250,15 +247,7 @@ def test_a_later_round_keeps_its_own_state_and_a_damaged_file_is_refused(tmp_pat
 
 
 def run(cwd: Path, *overrides: str, check: bool = True) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
-    result = subprocess.run(
-        [sys.executable, str(REPO / "scripts" / "run.py"), *overrides],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        cwd=cwd,
-        env=env,
-    )
+    result = run_project_script("run.py", *overrides, cwd=cwd)
     if check:
         assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     return result
