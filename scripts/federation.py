@@ -582,10 +582,12 @@ def load_federation(directory: str | os.PathLike[str]) -> Federation:
     return Federation(**{key: state[key] for key in Federation.__dataclass_fields__ if key in state})
 
 
-def _signal_all(pids: Iterable[int], sig: int) -> None:
+def _signal_all(pids: Iterable[int], sig: int, *, groups: bool = False) -> None:
+    """Send ``sig`` to each PID (or, with ``groups``, to each process group); gone ones are skipped."""
+    send = os.killpg if groups else os.kill
     for pid in pids:
         try:
-            os.kill(pid, sig)
+            send(pid, sig)
         except (ProcessLookupError, PermissionError):
             pass
 
@@ -612,11 +614,7 @@ def stop_federation(directory: str | os.PathLike[str], *, grace_seconds: float =
     roots = _live_pids(directory)
     targets = list(dict.fromkeys([*roots, *_descendants(roots)]))
     groups = [pid for pid in roots if _pgid(pid) == pid]
-    for pgid in groups:
-        try:
-            os.killpg(pgid, signal.SIGTERM)
-        except (ProcessLookupError, PermissionError):
-            pass
+    _signal_all(groups, signal.SIGTERM, groups=True)
     _signal_all(targets, signal.SIGTERM)
     deadline = time.monotonic() + grace_seconds
     while time.monotonic() < deadline:
@@ -629,11 +627,7 @@ def stop_federation(directory: str | os.PathLike[str], *, grace_seconds: float =
         # Children started after the first look are caught here too.
         leftovers = [pid for pid in targets if is_running(pid)]
         leftovers += [pid for pid in _descendants(leftovers) if pid not in leftovers]
-        for pgid in groups:
-            try:
-                os.killpg(pgid, signal.SIGKILL)
-            except (ProcessLookupError, PermissionError):
-                pass
+        _signal_all(groups, signal.SIGKILL, groups=True)
         _signal_all(leftovers, signal.SIGKILL)
         targets += [pid for pid in leftovers if pid not in targets]
         time.sleep(0.2)
