@@ -9,14 +9,14 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-from flwr.app import ArrayRecord, Context, Error, Message, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from clients.node_state import node_state_path, restore_node_state, save_node_state
-from clients.opacus_training import PrivacyBudgetExhausted
+from clients.opacus_training import STATE_KEY, PrivacyBudgetExhausted
 from fedpriv.experiment import client_examples, experiment_from_run_config
 from fedpriv.logs import get_logger
-from fedpriv.protocol import DECLINED_KEY, LEDGER_KEY, ROUND_KEY, WEIGHT_KEY
+from fedpriv.protocol import DECLINE_REASON_KEY, DECLINED_KEY, LEDGER_KEY, RESUMED_KEY, ROUND_KEY, WEIGHT_KEY
 from fedpriv.training import evaluate as evaluate_model
 
 logger = get_logger(__name__)
@@ -24,6 +24,7 @@ logger = get_logger(__name__)
 # Error codes of replies that carry no result (the server counts them as rejected).
 DATA_ERROR = 101
 TRAIN_ERROR = 102
+EVALUATE_REFUSED = 103
 
 app = ClientApp()
 
@@ -32,25 +33,35 @@ def _node_partition(context: Context) -> tuple[int, int]:
     return int(context.node_config["partition-id"]), int(context.node_config["num-partitions"])
 
 
-def _round_seed(*, seed: int, server_round: int, partition_id: int) -> int:
-    # Distinct, reproducible streams per (run seed, round, client).
-    return int(np.random.SeedSequence([seed, server_round, partition_id]).generate_state(1)[0])
-
-
 def _error_reply(msg: Message, *, code: int, reason: str) -> Message:
     logger.error("client reply error %d: %s", code, reason)
     return Message(error=Error(code=code, reason=reason), reply_to=msg)
 
 
-def _decline_reply(msg: Message, *, num_examples: int, exhausted: PrivacyBudgetExhausted) -> Message:
-    # Not an error: the client is healthy, it just may not spend more privacy.
-    metrics = {
-        WEIGHT_KEY: num_examples,
-        DECLINED_KEY: 1,
-        "epsilon": exhausted.epsilon,
-        "delta": exhausted.delta,
-    }
-    return Message(content=RecordDict({"metrics": MetricRecord(metrics)}), reply_to=msg)
+def _decline_reply(msg: Message, *, reason: str, privacy: dict[str, float]) -> Message:
+    """A reply without a model: the client is healthy but may not spend more privacy.
+
+    Its weight is 1 (data-independent); ``privacy`` holds the ``epsilon`` and
+    ``delta`` spent so far, when the client knows them.
+    """
+    metrics = {WEIGHT_KEY: 1, DECLINED_KEY: 1, **privacy}
+    content = {"metrics": MetricRecord(metrics), "config": ConfigRecord({DECLINE_REASON_KEY: reason})}
+    return Message(content=RecordDict(content), reply_to=msg)
+
+
+def _training_seed(*, experiment, server_round: int, partition_id: int) -> int | None:
+    """The seed of this round's local training; ``None`` (OS entropy) for private training.
+
+    Private training draws its noise and Poisson batches from the operating
+    system unless the run asks for ``seeded_noise`` (tests only: anyone who
+    knows ``seed`` could then replay the noise).
+    """
+    if experiment.client.private and not experiment.settings.seeded_noise:
+        return None
+    # Distinct, reproducible streams per (run seed, round, client).
+    return int(
+        np.random.SeedSequence([experiment.settings.seed, server_round, partition_id]).generate_state(1)[0]
+    )
 
 
 def _prepare(msg: Message, context: Context):
@@ -82,7 +93,7 @@ def train(msg: Message, context: Context) -> Message:
         num_classes=experiment.dataset.num_classes,
     )
     server_round = int(msg.content["config"][ROUND_KEY])
-    seed = _round_seed(seed=experiment.settings.seed, server_round=server_round, partition_id=partition_id)
+    seed = _training_seed(experiment=experiment, server_round=server_round, partition_id=partition_id)
     state_path = node_state_path(
         node_config=context.node_config,
         run_config=context.run_config,
@@ -95,18 +106,34 @@ def train(msg: Message, context: Context) -> Message:
     except ValueError as exc:
         # Training without the ledger would forget the epsilon it holds.
         return _error_reply(msg, code=DATA_ERROR, reason=str(exc))
+    resumed_after = int(msg.content["config"].get(RESUMED_KEY, 0))
+    if experiment.client.private and resumed_after and STATE_KEY not in context.state.config_records:
+        # It cannot tell a lost ledger from one it never wrote: starting from
+        # zero could under-report its epsilon, so it trains no more in this run.
+        reason = (
+            f"resumed after round {resumed_after} without this client's privacy ledger "
+            f"({state_path or 'no ledger folder: set output_dir or the node config ledger-dir'}); "
+            "its epsilon so far is unknown"
+        )
+        logger.warning("declining round %d: %s", server_round, reason)
+        return _decline_reply(msg, reason=reason, privacy={})
     try:
         outcome = experiment.client.fit(
             model, x, y, seed=seed, state=context.state, planned_rounds=experiment.settings.num_rounds
         )
     except PrivacyBudgetExhausted as exhausted:
         logger.warning("declining round %d: %s", server_round, exhausted)
-        return _decline_reply(msg, num_examples=len(y), exhausted=exhausted)
+        if state_path is not None:
+            # A first round's count release is accounted even when declining.
+            save_node_state(context.state, state_path)
+        privacy = {"epsilon": exhausted.epsilon, "delta": exhausted.delta}
+        return _decline_reply(msg, reason=str(exhausted), privacy=privacy)
     except (RuntimeError, ValueError) as exc:
         return _error_reply(msg, code=TRAIN_ERROR, reason=f"local training failed: {exc}")
     if state_path is not None:
         save_node_state(context.state, state_path)
-    metrics = {WEIGHT_KEY: outcome.num_examples, "train_loss": outcome.loss, **outcome.metrics}
+    loss = {} if outcome.loss is None else {"train_loss": outcome.loss}
+    metrics = {WEIGHT_KEY: outcome.num_examples, **loss, **outcome.metrics}
     content = RecordDict(
         {"arrays": ArrayRecord(model.state_dict()), "metrics": MetricRecord(metrics)}
     )
@@ -115,12 +142,22 @@ def train(msg: Message, context: Context) -> Message:
 
 @app.evaluate()
 def evaluate(msg: Message, context: Context) -> Message:
-    """Evaluate the received global model on this node's partition."""
+    """Evaluate the received global model on this node's partition.
+
+    A private client refuses: its exact loss, accuracy and size on local data
+    are not covered by any epsilon.
+    """
     torch.set_num_threads(1)
     try:
-        _, _, model, x, y = _prepare(msg, context)
+        experiment, _, model, x, y = _prepare(msg, context)
     except (OSError, ValueError) as exc:
         return _error_reply(msg, code=DATA_ERROR, reason=f"client data could not be loaded: {exc}")
+    if experiment.client.private:
+        return _error_reply(
+            msg,
+            code=EVALUATE_REFUSED,
+            reason="a record-level private client does not release exact evaluation metrics",
+        )
     loss, accuracy = evaluate_model(model, x, y)
     metrics = {WEIGHT_KEY: len(y), "eval_loss": loss, "eval_accuracy": accuracy}
     return Message(content=RecordDict({"metrics": MetricRecord(metrics)}), reply_to=msg)

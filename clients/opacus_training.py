@@ -1,10 +1,22 @@
 """Record-level DP-SGD local training with Opacus (``client=opacus``).
 
-Privacy semantics (DESIGN.md, section 4): neighbouring datasets differ in one
-example of one client. Each round the client runs Opacus DP-SGD with Poisson
-sampling of batches; its accountant history lives in the node's persistent
-``context.state``, so the reported epsilon composes over every round the client
-trained in and over nothing else.
+Privacy semantics (docs/design.md, section 4): neighbouring datasets differ in
+one example of one client (add/remove one record). Each round the client runs
+Opacus DP-SGD with Poisson sampling of batches; its accountant history lives in
+the node's persistent ``context.state``, so the reported epsilon composes over
+every round the client trained in and over nothing else.
+
+Nothing data-dependent leaves the client unaccounted. Its dataset size ``n`` is
+private too: on its first round the client releases a noisy count ``n~ = n +
+N(0, count_noise_multiplier^2)`` (sensitivity 1), recorded in the same ledger as
+a Gaussian release, and derives everything that depends on its size from
+``n~``: its FedAvg weight, the Poisson sample rate and steps, the default delta,
+the averaging denominator. The reply holds the privatized model, ``n~`` and
+values computed from ``n~`` and public config; no loss.
+
+Randomness (Poisson batches, gradient noise, the count's noise) comes from the
+operating system unless the caller passes a seed (tests, ``seeded_noise=true``),
+which voids the guarantee: anyone who knows the seed can replay the noise.
 
 Opacus is imported on the first call that needs it, not when this module is
 imported: it costs over a second, and its import installs a handler on the root
@@ -15,19 +27,21 @@ printed. :func:`fedpriv.opacus_logging.opacus_logging_contained` undoes that.
 from __future__ import annotations
 
 import contextlib
-import importlib.util
 import logging
 import math
+import secrets
 import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
 from numbers import Integral, Real
+from typing import ClassVar
 
 import numpy as np
 import torch
 from flwr.app import ConfigRecord, RecordDict
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data._utils.collate import default_collate
 
 from clients.plain import TrainOutcome
 from fedpriv.logs import get_logger
@@ -45,8 +59,12 @@ STATE_KEY = "fedpriv.privacy"
 DEFAULT_TARGET_DELTA = 1e-5
 """Upper end of the default ``target_delta``; see :class:`OpacusTraining`."""
 
-# Opacus warns on every PrivacyEngine without secure_mode (a documented choice
-# here) and on every backward through a first layer whose input needs no grad.
+COUNT_SAMPLE_RATE = 1.0
+"""The noisy count is one Gaussian release over the whole data set (no sampling)."""
+
+# Opacus warns on every PrivacyEngine without its secure_mode (which needs
+# torchcsprng; see the README's threat model for what fedpriv's noise covers)
+# and on every backward through a first layer whose input needs no grad.
 _IGNORED_WARNINGS = (
     "Secure RNG turned off",
     "Full backward hook is firing when gradients are computed with respect to module outputs",
@@ -59,7 +77,8 @@ _IGNORED_LOG_PREFIX = "First batch is empty"
 class PrivacyBudgetExhausted(RuntimeError):
     """Training this round would take the client past its record-level budget.
 
-    Raised before any training, with the node state unchanged.
+    Raised before any training; the node state changes only by the count
+    release of a first round, which the decision depends on.
 
     Parameters
     ----------
@@ -169,16 +188,92 @@ def _stage_empty_batch(optimizer, *, ghost: bool) -> None:
             param.grad_sample = param.new_zeros((0, *param.shape))
 
 
+def noisy_count(n: int, *, noise_multiplier: float, rng: np.random.Generator) -> float:
+    """Release a data set size with the Gaussian mechanism (sensitivity 1).
+
+    Parameters
+    ----------
+    n : int
+        The true number of examples.
+    noise_multiplier : float
+        Noise standard deviation (the sensitivity of a count is 1), ``> 0``.
+    rng : numpy.random.Generator
+        Source of the noise.
+
+    Returns
+    -------
+    float
+        ``max(1, n + N(0, noise_multiplier^2))``: at least one, so that it can
+        serve as a weight and a denominator.
+    """
+    return max(1.0, float(n + rng.normal(0.0, noise_multiplier)))
+
+
+def poisson_batches(*, count: float, batch_size: int) -> int:
+    """Poisson batches per epoch for a data set of (noisy) size ``count``.
+
+    Returns
+    -------
+    int
+        ``K = ceil(count / batch_size)``; each batch samples every example with
+        rate exactly ``1 / K``, the rate Opacus' ``make_private`` derives from a
+        loader of length ``K`` and accounts with.
+    """
+    return max(1, math.ceil(count / batch_size))
+
+
+def poisson_loader(
+    x: torch.Tensor, y: torch.Tensor, *, batches: int, generator: torch.Generator
+) -> DataLoader:
+    """A loader of ``batches`` Poisson batches, each example with rate ``1 / batches``.
+
+    Opacus' own ``DPDataLoader`` draws ``int(1 / sample_rate)`` batches, which
+    floating point makes one fewer than ``1 / sample_rate`` for some sizes (93
+    or 99 batches, say), so its accountant would record a rate the sampler does
+    not use. Here the number of batches is given and the rate is its inverse.
+    Empty batches come out as zero-length tensors.
+    """
+    with opacus_logging_contained():
+        from opacus.data_loader import wrap_collate_with_empty
+        from opacus.utils.uniform_sampler import UniformWithReplacementSampler
+
+    sampler = UniformWithReplacementSampler(
+        num_samples=len(y), sample_rate=1 / batches, generator=generator, steps=batches
+    )
+    collate = wrap_collate_with_empty(
+        collate_fn=default_collate,
+        sample_empty_shapes=[(0, *x.shape[1:]), (0, *y.shape[1:])],
+        dtypes=[x.dtype, y.dtype],
+    )
+    return DataLoader(TensorDataset(x, y), batch_sampler=sampler, collate_fn=collate)
+
+
+def _generators(seed: int | None) -> tuple[torch.Generator, torch.Generator, np.random.Generator]:
+    """Generators for Poisson batches, gradient noise and the count's noise.
+
+    ``None`` seeds each from 64 (torch) or 128 (numpy) bits of fresh operating
+    system entropy that are never stored, so nobody can replay the noise.
+    """
+    if seed is None:
+        seeds = [secrets.randbits(64), secrets.randbits(64), secrets.randbits(128)]
+    else:
+        seeds = [int(s) for s in np.random.SeedSequence(seed).generate_state(3, dtype=np.uint64)]
+    return (
+        torch.Generator().manual_seed(seeds[0]),
+        torch.Generator().manual_seed(seeds[1]),
+        np.random.default_rng(seeds[2]),
+    )
+
+
 @dataclass(frozen=True)
 class OpacusTraining:
     """Record-level DP-SGD local training with Opacus (``client=opacus``).
 
-    Batches are Poisson-sampled with rate ``sample_rate = 1 / ceil(n /
-    batch_size)`` for a client with ``n`` examples, which is ``batch_size / n``
-    when ``batch_size`` divides ``n`` and otherwise rounds the expected batch size
-    down to ``n * sample_rate``: this is the rate Opacus' ``make_private`` samples
-    and accounts with. An epoch is the number of batches Opacus' sampler draws
-    per pass, ``int(1 / sample_rate)``.
+    On its first round a client releases its noisy size ``n~`` (see
+    :func:`noisy_count`; accounted in its ledger) and from then on samples
+    Poisson batches with rate ``1 / K``, ``K = ceil(n~ / batch_size)``, ``K``
+    batches per epoch: ``batch_size`` is the expected batch size. Gradients
+    are averaged over the public expected batch size ``n~ / K``.
 
     Parameters
     ----------
@@ -203,12 +298,12 @@ class OpacusTraining:
         Record-level epsilon to reach after training in all planned rounds; the
         noise multiplier is solved once, on the client's first round, assuming
         it trains in every round of the run (conservative), and reused after.
+        The count release is part of the budget.
     max_grad_norm : float
         Per-example gradient clipping norm.
     target_delta : float or None
         Delta of the reported epsilon. ``None`` gives each client
-        ``min(1e-5, 1 / (10 n))``, which is below ``1 / n`` as it must be; a
-        given value must be in ``(0, 1 / n)`` for every client.
+        ``min(1e-5, 1 / (10 n~))``; a given value must be in ``(0, 1 / n~)``.
     accountant : str
         ``prv`` (tight, default) or ``rdp``.
     grad_sample_mode : str
@@ -216,13 +311,17 @@ class OpacusTraining:
         weights, the fastest on fedpriv's models, see
         ``scripts/bench.py``, section 3), ``hooks``, ``functorch`` or
         ``ghost`` (ghost clipping). All give the same update.
-    secure_mode : bool
-        Opacus' cryptographically secure noise and sampling; needs the
-        ``torchcsprng`` package and makes runs unseeded.
+    count_noise_multiplier : float
+        Standard deviation of the Gaussian noise on the released data set
+        size, ``>= 1`` (10 costs about 0.01 epsilon next to a DP-SGD epsilon
+        of 10; see the README).
     max_epsilon : float or None
         Record-level budget: a round that would take the client's epsilon
         above it is declined with :class:`PrivacyBudgetExhausted`.
     """
+
+    private: ClassVar[bool] = True
+    """Replies are record-level DP: no exact statistic may leave the client."""
 
     local_epochs: int = 1
     batch_size: int = 32
@@ -236,7 +335,7 @@ class OpacusTraining:
     target_delta: float | None = None
     accountant: str = "prv"
     grad_sample_mode: str = "ew"
-    secure_mode: bool = False
+    count_noise_multiplier: float = 10.0
     max_epsilon: float | None = None
 
     def __post_init__(self) -> None:
@@ -276,66 +375,56 @@ class OpacusTraining:
                 self.grad_sample_mode,
                 f"must be one of {list(GRAD_SAMPLE_MODES)}",
             )
-        if not isinstance(self.secure_mode, bool):
-            raise _fail("secure_mode", self.secure_mode, "must be true or false")
-        if self.secure_mode and importlib.util.find_spec("torchcsprng") is None:
-            raise _fail(
-                "secure_mode",
-                self.secure_mode,
-                "Opacus' secure RNG needs the torchcsprng package, which is not installed",
-            )
+        _check_positive("count_noise_multiplier", self.count_noise_multiplier)
+        if self.count_noise_multiplier < 1:
+            # Below the count's sensitivity the release costs epsilon > 4 at
+            # delta 1e-5 and the accountants' numerics break down.
+            raise _fail("count_noise_multiplier", self.count_noise_multiplier, "must be >= 1 (the count's sensitivity)")
         if self.max_epsilon is not None:
             _check_positive("max_epsilon", self.max_epsilon)
         accountants = _accounting().ACCOUNTANTS
         if self.accountant not in accountants:
             raise _fail("accountant", self.accountant, f"must be one of {list(accountants)}")
 
-    def target_delta_for(self, n: int) -> float:
-        """The delta of a client with ``n`` examples.
+    def target_delta_for(self, count: float) -> float:
+        """The delta of a client of (noisy) size ``count``.
 
         Parameters
         ----------
-        n : int
-            Number of the client's training examples, ``>= 1``.
+        count : float
+            The client's released size ``n~``, ``>= 1``.
 
         Returns
         -------
         float
-            ``target_delta`` if given, else ``min(1e-5, 1 / (10 n))``.
+            ``target_delta`` if given, else ``min(1e-5, 1 / (10 count))``.
 
         Raises
         ------
         ValueError
-            If ``target_delta`` was given and is not below ``1 / n``.
+            If ``target_delta`` was given and is not below ``1 / count``.
         """
         if self.target_delta is None:
-            return min(DEFAULT_TARGET_DELTA, 1 / (10 * n))
-        if self.target_delta >= 1 / n:
+            return min(DEFAULT_TARGET_DELTA, 1 / (10 * count))
+        if self.target_delta >= 1 / count:
             raise ValueError(
-                f"client.target_delta={self.target_delta}: must be < 1/n = {1 / n:.6g} "
-                f"for a client with n={n} examples"
+                f"client.target_delta={self.target_delta}: must be < 1/n = {1 / count:.6g} "
+                f"for a client with n={count:.0f} examples (its released, noisy size)"
             )
         return self.target_delta
 
-    def sampling_for(self, n: int) -> tuple[float, int]:
-        """Poisson sampling of a client with ``n`` examples.
-
-        Parameters
-        ----------
-        n : int
-            Number of the client's training examples, ``>= 1``.
+    def sampling_for(self, count: float) -> tuple[float, int]:
+        """Poisson sampling of a client of (noisy) size ``count``.
 
         Returns
         -------
         sample_rate : float
-            ``1 / ceil(n / batch_size)``, the rate of Opacus' ``make_private``.
+            ``1 / K``, the rate the sampler uses and the accountant records.
         steps_per_epoch : int
-            Batches (DP-SGD steps) per local epoch.
+            ``K = ceil(count / batch_size)`` batches (DP-SGD steps) per epoch.
         """
-        sample_rate = 1 / math.ceil(n / self.batch_size)
-        # Opacus' sampler draws int(1 / sample_rate) batches per pass, which
-        # floating point makes one less than ceil(n / batch_size) for some sizes.
-        return sample_rate, int(1 / sample_rate)
+        batches = poisson_batches(count=count, batch_size=self.batch_size)
+        return 1 / batches, batches
 
     def fit(
         self,
@@ -343,7 +432,7 @@ class OpacusTraining:
         x: torch.Tensor,
         y: torch.Tensor,
         *,
-        seed: int,
+        seed: int | None,
         state: RecordDict,
         planned_rounds: int = 1,
     ) -> TrainOutcome:
@@ -356,11 +445,14 @@ class OpacusTraining:
             ``state_dict`` names, with Opacus' hooks removed afterwards.
         x, y : torch.Tensor
             The client's examples and labels; left untouched.
-        seed : int
-            Seeds Poisson sampling and the noise (unless ``secure_mode``).
+        seed : int or None
+            ``None``: Poisson sampling and all noise draw from the operating
+            system (private). An integer makes them reproducible, which voids
+            the guarantee (tests and ``seeded_noise=true`` only).
         state : flwr.app.RecordDict
-            The node's persistent state; the accountant history is read from
-            and written to its ``"fedpriv.privacy"`` ``ConfigRecord``.
+            The node's persistent state; the ledger (accountant history and
+            the released size) is read from and written to its
+            ``"fedpriv.privacy"`` ``ConfigRecord``.
         planned_rounds : int, default 1
             Rounds in the run; used to solve the noise multiplier for
             ``target_epsilon``.
@@ -368,19 +460,22 @@ class OpacusTraining:
         Returns
         -------
         TrainOutcome
-            ``metrics`` holds the client's cumulative ``epsilon``, its
-            ``delta``, the ``noise_multiplier``, the ``sample_rate`` and the
-            total ``steps`` over all rounds it trained in; ``epsilon`` and
-            ``delta`` are left out when ``noise_multiplier`` is 0.
+            ``num_examples`` is the released size ``n~`` and ``loss`` is
+            ``None`` (an exact loss would leak); ``metrics`` holds the client's
+            cumulative ``epsilon``, its ``delta``, the ``noise_multiplier``, the
+            ``sample_rate`` and the total ``steps`` over all rounds it trained
+            in; ``epsilon`` and ``delta`` are left out when
+            ``noise_multiplier`` is 0.
 
         Raises
         ------
         PrivacyBudgetExhausted
-            If this round would exceed ``max_epsilon``; nothing is trained and
-            ``state`` is unchanged.
+            If this round would exceed ``max_epsilon``; nothing is trained, and
+            ``state`` changes only by the count release of a first round
+            (the decision depends on it, so it is accounted).
         ValueError
             If the model has layers Opacus cannot train, ``target_delta`` is
-            not below ``1 / n`` or ``target_epsilon`` is unreachable.
+            not below ``1 / n~`` or ``target_epsilon`` is unreachable.
         """
         accounting = _accounting()
         n = len(y)
@@ -394,23 +489,36 @@ class OpacusTraining:
             raise ValueError(f"planned_rounds={planned_rounds!r}: must be an integer >= 1")
         model.train()
         _check_model(model)
-        delta = self.target_delta_for(n)
-        sample_rate, steps_per_epoch = self.sampling_for(n)
-        round_steps = self.local_epochs * steps_per_epoch
+        batch_generator, noise_generator, count_rng = _generators(seed)
 
         record = state.config_records.get(STATE_KEY)
         if record is None:
-            logger.info("client with n=%d examples: target_delta=%.3g", n, delta)
-            history = []
+            count = noisy_count(n, noise_multiplier=self.count_noise_multiplier, rng=count_rng)
+            history = accounting.record_steps(
+                [], noise_multiplier=self.count_noise_multiplier, sample_rate=COUNT_SAMPLE_RATE
+            )
+            # Accounted the moment it exists: every later decision (delta,
+            # sampling, declining, even an error) depends on it.
+            record = _ledger_record(history, count=count)
+            state[STATE_KEY] = record
+            logger.info("client released its size n~=%.0f", count)
         else:
+            count = float(record["noisy_count"])
             history = accounting.history_from_lists(record)
+        delta = self.target_delta_for(count)
+        sample_rate, steps_per_epoch = self.sampling_for(count)
+        round_steps = self.local_epochs * steps_per_epoch
         noise_multiplier = self._noise_multiplier(
             record,
+            history=history,
             delta=delta,
             sample_rate=sample_rate,
             steps=planned_rounds * round_steps,
             planned_rounds=planned_rounds,
         )
+        if "noise_multiplier" not in record:
+            logger.info("client: target_delta=%.3g, noise_multiplier=%.4g", delta, noise_multiplier)
+            state[STATE_KEY] = _ledger_record(history, count=count, noise_multiplier=noise_multiplier)
         projected = accounting.record_steps(
             history, noise_multiplier=noise_multiplier, sample_rate=sample_rate, steps=round_steps
         )
@@ -424,17 +532,22 @@ class OpacusTraining:
                 max_epsilon=self.max_epsilon,
             )
 
-        loss, trained = self._train(
-            model, x, y, seed=seed, history=history, noise_multiplier=noise_multiplier
+        trained = self._train(
+            model,
+            x,
+            y,
+            loader=poisson_loader(x, y, batches=steps_per_epoch, generator=batch_generator),
+            expected_batch_size=count / steps_per_epoch,
+            noise_generator=noise_generator,
+            history=history,
+            noise_multiplier=noise_multiplier,
         )
         if trained != projected:
             raise RuntimeError(
                 f"Opacus recorded {trained} but {projected} was accounted for; "
                 "the round's update is withheld"
             )
-        state[STATE_KEY] = ConfigRecord(
-            {**accounting.history_to_lists(trained), "noise_multiplier": noise_multiplier}
-        )
+        state[STATE_KEY] = _ledger_record(trained, count=count, noise_multiplier=noise_multiplier)
         # Without noise epsilon is infinite: there is no claim to report, and
         # the server refuses non-finite metrics.
         claim = {"epsilon": float(epsilon), "delta": float(delta)} if math.isfinite(epsilon) else {}
@@ -442,14 +555,16 @@ class OpacusTraining:
             **claim,
             "noise_multiplier": float(noise_multiplier),
             "sample_rate": float(sample_rate),
-            "steps": sum(steps for _, _, steps in trained),
+            # Every DP-SGD step, without the one count release.
+            "steps": sum(steps for _, _, steps in trained) - 1,
         }
-        return TrainOutcome(loss=loss, num_examples=n, metrics=metrics)
+        return TrainOutcome(loss=None, num_examples=count, metrics=metrics)
 
     def _noise_multiplier(
         self,
-        record: ConfigRecord | None,
+        record: ConfigRecord,
         *,
+        history: list,
         delta: float,
         sample_rate: float,
         steps: int,
@@ -457,7 +572,7 @@ class OpacusTraining:
     ) -> float:
         if self.noise_multiplier is not None:
             return float(self.noise_multiplier)
-        if record is not None:
+        if "noise_multiplier" in record:
             return float(record["noise_multiplier"])
         noise_multiplier = _accounting().solve_noise_multiplier(
             target_epsilon=self.target_epsilon,
@@ -465,6 +580,7 @@ class OpacusTraining:
             sample_rate=sample_rate,
             steps=steps,
             accountant=self.accountant,
+            history=history,
         )
         logger.info(
             "client: noise_multiplier=%.4g solved for target_epsilon=%g over %d rounds",
@@ -480,23 +596,19 @@ class OpacusTraining:
         x: torch.Tensor,
         y: torch.Tensor,
         *,
-        seed: int,
+        loader: DataLoader,
+        expected_batch_size: float,
+        noise_generator: torch.Generator,
         history: list,
         noise_multiplier: float,
-    ) -> tuple[float, list]:
-        """One round of DP-SGD; returns the mean loss and Opacus' new history."""
+    ) -> list:
+        """One round of DP-SGD; returns Opacus' new accountant history."""
         with opacus_logging_contained():
             from opacus import PrivacyEngine
 
-        sampler_seed, noise_seed = np.random.SeedSequence(seed).generate_state(2)
-        loader = DataLoader(
-            TensorDataset(x, y),
-            batch_size=self.batch_size,
-            generator=torch.Generator().manual_seed(int(sampler_seed)),
-        )
         ghost = self.grad_sample_mode == "ghost"
         with _opacus_chatter_silenced():
-            engine = PrivacyEngine(accountant=self.accountant, secure_mode=self.secure_mode)
+            engine = PrivacyEngine(accountant=self.accountant)
             engine.accountant.history = list(history)
             private = engine.make_private(
                 module=model,
@@ -511,17 +623,16 @@ class OpacusTraining:
                 data_loader=loader,
                 noise_multiplier=noise_multiplier,
                 max_grad_norm=self.max_grad_norm,
-                poisson_sampling=True,
+                # The loader already samples Poisson batches (poisson_loader).
+                poisson_sampling=False,
                 grad_sample_mode=self.grad_sample_mode,
-                noise_generator=None
-                if self.secure_mode
-                else torch.Generator().manual_seed(int(noise_seed)),
+                noise_generator=noise_generator,
             )
             if ghost:
                 module, optimizer, criterion, private_loader = private
             else:
                 (module, optimizer, private_loader), criterion = private, nn.CrossEntropyLoss()
-            total, seen = 0.0, 0
+            _use_public_batch_size(optimizer, expected_batch_size)
             try:
                 for _ in range(self.local_epochs):
                     for batch_x, batch_y in private_loader:
@@ -529,10 +640,7 @@ class OpacusTraining:
                         if len(batch_y) == 0:
                             _stage_empty_batch(optimizer, ghost=ghost)
                         else:
-                            loss = criterion(module(batch_x), batch_y)
-                            loss.backward()
-                            total += loss.item() * len(batch_y)
-                            seen += len(batch_y)
+                            criterion(module(batch_x), batch_y).backward()
                         optimizer.step()
             finally:
                 optimizer.zero_grad(set_to_none=True)
@@ -540,6 +648,27 @@ class OpacusTraining:
                 for param in model.parameters():
                     if hasattr(param, "summed_grad"):
                         del param.summed_grad
-        # Only when every Poisson batch was empty: report the loss of the data.
-        mean_loss = total / seen if seen else evaluate(model, x, y)[0]
-        return mean_loss, list(engine.accountant.history)
+        return list(engine.accountant.history)
+
+
+def _use_public_batch_size(optimizer, expected_batch_size: float) -> None:
+    """Average gradients over ``expected_batch_size`` instead of Opacus' ``int(n * q)``.
+
+    Opacus derives the divisor of the noisy gradient sum from the true data set
+    size, which would make the released update depend on it beyond what is
+    accounted; the noisy size keeps it a function of DP outputs.
+    ``DPOptimizer.expected_batch_size`` is the constructor argument Opacus
+    divides by in ``scale_grad`` (a test fails if that changes).
+    """
+    if not hasattr(optimizer, "expected_batch_size"):
+        raise RuntimeError("Opacus' DPOptimizer has no expected_batch_size: cannot set the public divisor")
+    optimizer.expected_batch_size = expected_batch_size
+
+
+def _ledger_record(history: list, *, count: float, noise_multiplier: float | None = None) -> ConfigRecord:
+    """The client's ledger as stored in ``context.state`` and on disk.
+
+    ``noise_multiplier`` is left out until it is known (solved for a target).
+    """
+    solved = {} if noise_multiplier is None else {"noise_multiplier": noise_multiplier}
+    return ConfigRecord({**_accounting().history_to_lists(history), "noisy_count": count, **solved})

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 import torch
 from torch import nn
@@ -17,16 +18,18 @@ class TrainOutcome:
 
     Attributes
     ----------
-    loss : float
-        Mean training loss of the round.
-    num_examples : int
-        Number of local training examples (the client's FedAvg weight).
+    loss : float or None
+        Mean training loss of the round; ``None`` for private training, whose
+        exact loss must not leave the client.
+    num_examples : float
+        The client's FedAvg weight: its number of training examples, or a
+        noisy release of it under record-level DP.
     metrics : dict[str, float]
         Further metrics to reply with (e.g. privacy spent).
     """
 
-    loss: float
-    num_examples: int
+    loss: float | None
+    num_examples: float
     metrics: dict[str, float] = field(default_factory=dict)
 
 
@@ -49,6 +52,9 @@ class PlainTraining:
     weight_decay : float
         L2 penalty.
     """
+
+    private: ClassVar[bool] = False
+    """Replies carry exact statistics (loss, example count)."""
 
     local_epochs: int = 5
     batch_size: int = 16

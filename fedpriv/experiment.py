@@ -45,6 +45,11 @@ class RunSettings:
     resume : str
         Folder of an earlier run to go on from (its ``checkpoint.pt``); empty
         for a fresh run. ``scripts/run.py`` checks that the config matches.
+    seeded_noise : bool
+        Derive every DP noise and sampling draw (clients' DP-SGD, the server's
+        DP-FedAvg unless its own seeds are set) from ``seed``. For tests that
+        need identical private runs only: it voids every privacy guarantee,
+        since ``seed`` is published with the config, and ``results.json`` says so.
     """
 
     num_clients: int
@@ -53,6 +58,7 @@ class RunSettings:
     output_dir: str = ""
     round_timeout: float = 600.0
     resume: str = ""
+    seeded_noise: bool = False
 
     def __post_init__(self) -> None:
         """Validate the settings."""
@@ -64,6 +70,8 @@ class RunSettings:
             raise ConfigError(f"num_clients={self.num_clients}: must be >= 1")
         if self.num_rounds < 1:
             raise ConfigError(f"num_rounds={self.num_rounds}: must be >= 1")
+        if not isinstance(self.seeded_noise, bool):
+            raise ConfigError(f"seeded_noise={self.seeded_noise!r}: must be true or false")
         if not (math.isfinite(self.round_timeout) and self.round_timeout > 0):
             raise ConfigError(f"round_timeout={self.round_timeout}: must be > 0")
         if self.resume and self.output_dir != self.resume:
@@ -147,6 +155,12 @@ def load_experiment(config: Mapping[str, Any]) -> Experiment:
         experiment.audit.check_strategy(config["strategy"].get("_target_", ""))
     except ValueError as exc:
         raise ConfigError(str(exc)) from exc
+    fraction_evaluate = config["strategy"].get("fraction_evaluate", 0.0)
+    if getattr(experiment.client, "private", False) and fraction_evaluate:
+        raise ConfigError(
+            f"strategy.fraction_evaluate={fraction_evaluate}: federated evaluation would release "
+            "exact client metrics that client=opacus does not cover; the server evaluates on its own split"
+        )
     return experiment
 
 

@@ -11,3 +11,8 @@ ROUND_KEY = "server-round"
 # ConfigRecord, and a resumed run keeps it, so clients find the accountant
 # history they wrote before (see clients/node_state.py).
 LEDGER_KEY = "privacy-ledger-id"
+# The rounds a resumed run goes on after (0 in a fresh run): a private client
+# that finds no ledger in a resumed run declines rather than restart its epsilon.
+RESUMED_KEY = "resumed-after-round"
+# Why a client declined: a short reason in its decline reply's ConfigRecord.
+DECLINE_REASON_KEY = "decline-reason"

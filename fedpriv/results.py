@@ -3,7 +3,7 @@
 ``results.json`` and ``metrics.csv`` are rewritten atomically after every
 round and a resumable checkpoint (:mod:`fedpriv.checkpoint`) is written, so a
 run that dies keeps every completed round and can go on from the last one.
-See DESIGN.md section 5 and the README for the fields.
+See docs/design.md, section 5, and the README for the fields.
 """
 
 from __future__ import annotations
@@ -20,6 +20,12 @@ from typing import Any
 import torch
 
 from fedpriv.checkpoint import CHECKPOINT_NAME, Checkpoint, save_checkpoint
+from fedpriv.publication import (
+    CLIENT_LEVEL_PUBLIC_FINAL,
+    CLIENT_LEVEL_PUBLIC_ROUND,
+    append_operator_record,
+    split_public,
+)
 
 SCHEMA = 1
 # Always present in every round row, in this order (null where not applicable).
@@ -65,6 +71,13 @@ class RunRecorder:
         The run's privacy-ledger id, stored in every checkpoint.
     resumed : Checkpoint or None
         The checkpoint this run goes on from: its rounds are kept.
+    client_level_private : bool
+        The run is client-level DP: round rows, ``final`` and timings publish
+        only the allow-listed DP outputs (:mod:`fedpriv.publication`); the
+        exact values go to the operator file.
+    privacy : Mapping[str, Any]
+        The ``privacy`` section of ``results.json``: which protections were
+        on, and whether seeded noise voided them.
     """
 
     def __init__(
@@ -74,11 +87,15 @@ class RunRecorder:
         config: Mapping[str, Any],
         ledger_id: str = "",
         resumed: Checkpoint | None = None,
+        client_level_private: bool = False,
+        privacy: Mapping[str, Any] | None = None,
     ) -> None:
         self.output_dir = Path(output_dir)
         self.output_dir.mkdir(parents=True, exist_ok=True)
         self.config = dict(config)
         self.ledger_id = ledger_id
+        self.client_level_private = client_level_private
+        self.privacy = dict(privacy or {})
         self.resumed_from_round = resumed.round if resumed else None
         self.rounds: list[dict[str, Any]] = [dict(row) for row in resumed.rounds] if resumed else []
         self.final: dict[str, Any] | None = None
@@ -113,11 +130,16 @@ class RunRecorder:
             The round's row as written.
         """
         now = time.perf_counter()
-        row: dict[str, Any] = dict.fromkeys(ROUND_FIELDS)
-        row.update({key: _json_value(value) for key, value in metrics.items()})
-        row["round"] = server_round
-        row["seconds"] = round(now - self._last_mark, 4)
+        measured = {key: _json_value(value) for key, value in metrics.items()}
+        measured.update(round=server_round, seconds=round(now - self._last_mark, 4))
         self._last_mark = now
+        published, withheld = split_public(
+            measured, public=self._public(CLIENT_LEVEL_PUBLIC_ROUND), always=ROUND_FIELDS
+        )
+        row: dict[str, Any] = dict.fromkeys(ROUND_FIELDS)
+        row.update(published)
+        if withheld:
+            append_operator_record(self.output_dir, {"round": server_round, **withheld})
         self.rounds.append(row)
         save_checkpoint(
             self.output_dir / CHECKPOINT_NAME,
@@ -151,26 +173,42 @@ class RunRecorder:
         if stopped_reason not in STOPPED_REASONS:
             raise ValueError(f"stopped_reason={stopped_reason!r}: must be one of {list(STOPPED_REASONS)}")
         torch.save(dict(state_dict), self.output_dir / "model.pt")
-        self.final = {
+        measured = {
             "rounds_completed": len(self.rounds),
             "stopped_reason": stopped_reason,
             "stopped_detail": detail,
             **{key: _json_value(value) for key, value in final.items()},
         }
+        self.final, withheld = split_public(
+            measured, public=self._public(CLIENT_LEVEL_PUBLIC_FINAL), always=final.keys()
+        )
+        if self.client_level_private:
+            withheld["total_seconds"] = self._total_seconds()
+        if withheld:
+            append_operator_record(self.output_dir, {"final": withheld})
         document = self._write()
         from fedpriv.plots import plot_rounds
 
         plot_rounds(self.rounds, output_dir=self.output_dir)
         return document
 
+    def _public(self, allowed: frozenset[str]) -> frozenset[str] | None:
+        return allowed if self.client_level_private else None
+
+    def _total_seconds(self) -> float:
+        return round(time.perf_counter() - self._started, 4)
+
     def _write(self) -> dict[str, Any]:
         document = {
             "schema": SCHEMA,
             "config": self.config,
+            "privacy": self.privacy,
             "rounds": self.rounds,
             "final": self.final,
             "timing": {
-                "total_seconds": round(time.perf_counter() - self._started, 4),
+                # A run's duration depends on which clients trained: under
+                # client-level DP it goes to the operator file only.
+                "total_seconds": None if self.client_level_private else self._total_seconds(),
                 "resumed_from_round": self.resumed_from_round,
             },
         }

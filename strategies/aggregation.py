@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import numpy as np
 from flwr.app import ArrayRecord, Message
 
-from fedpriv.protocol import DECLINED_KEY, WEIGHT_KEY
+from fedpriv.protocol import DECLINE_REASON_KEY, DECLINED_KEY, WEIGHT_KEY
 
 ArraySpec = dict[str, tuple[tuple[int, ...], np.dtype]]
 
@@ -48,11 +48,15 @@ class TrainReply:
 
 @dataclass(frozen=True)
 class MetricsReply:
-    """A validated evaluation reply: ``num-examples`` and other scalar metrics."""
+    """A validated metrics-only reply: ``num-examples`` and other scalar metrics.
+
+    ``reason`` says why a client declined (empty for other replies).
+    """
 
     node_id: int
     num_examples: float
     metrics: dict[str, float]
+    reason: str = ""
 
 
 def array_spec(record: ArrayRecord) -> ArraySpec:
@@ -107,11 +111,35 @@ def parse_decline(msg: Message) -> MetricsReply | None:
     if len(records) != 1 or records[0].get(DECLINED_KEY) != 1:
         return None
     reply = parse_metrics_reply(msg)
+    reason = "record-level privacy budget spent"
+    for record in msg.content.config_records.values():
+        given = record.get(DECLINE_REASON_KEY)
+        if isinstance(given, str) and given:
+            reason = given[:500]
     return MetricsReply(
         node_id=reply.node_id,
         num_examples=reply.num_examples,
         metrics={k: v for k, v in reply.metrics.items() if k != DECLINED_KEY},
+        reason=reason,
     )
+
+
+def reported_privacy(msg: Message) -> dict[str, float]:
+    """The ``epsilon`` and ``delta`` a reply reports, read leniently.
+
+    For replies that are rejected for other reasons: whatever privacy they say
+    was spent still counts. Values that are not finite positive numbers are
+    ignored, as is everything in an error reply.
+    """
+    if msg.has_error():
+        return {}
+    found: dict[str, float] = {}
+    for record in msg.content.metric_records.values():
+        for key in ("epsilon", "delta"):
+            value = record.get(key)
+            if _is_number(value) and math.isfinite(value) and value > 0:
+                found[key] = max(found.get(key, 0.0), float(value))
+    return found if "epsilon" in found else {}
 
 
 def parse_train_reply(msg: Message, *, spec: ArraySpec) -> TrainReply:

@@ -151,6 +151,11 @@ class DPFedAvg(WeightedFedAvg):
         **kwargs,
     ) -> None:
         super().__init__(**kwargs)
+        if self.fraction_evaluate > 0:
+            raise ValueError(
+                f"strategy.fraction_evaluate={self.fraction_evaluate:g}: federated evaluation releases exact "
+                "client metrics that epsilon_user does not cover; the server evaluates on its own split"
+            )
         if sampling not in SAMPLING:
             raise ValueError(
                 f"strategy.sampling={sampling!r}: only 'poisson' is accounted here "
@@ -200,6 +205,11 @@ class DPFedAvg(WeightedFedAvg):
     def update_noise_multiplier(self) -> float:
         """Noise multiplier applied to the clipped update sum this round."""
         return self.noise_multiplier
+
+    @property
+    def client_level_private(self) -> bool:
+        """True unless the noise multiplier is 0 (audits), when nothing is private."""
+        return self.noise_multiplier > 0
 
     def summary(self) -> None:
         """Log the DP configuration."""

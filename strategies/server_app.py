@@ -24,7 +24,7 @@ from flwr.serverapp import Grid, ServerApp
 from fedpriv.checkpoint import Checkpoint, check_resumable, load_checkpoint
 from fedpriv.experiment import Experiment, experiment_from_run_config
 from fedpriv.logs import get_logger
-from fedpriv.protocol import LEDGER_KEY
+from fedpriv.protocol import LEDGER_KEY, RESUMED_KEY
 from fedpriv.results import RunRecorder, merge_results_section
 from fedpriv.run_config import build_component
 from fedpriv.training import evaluate
@@ -33,7 +33,56 @@ from strategies.weighted_fedavg import StopRun, WeightedFedAvg
 logger = get_logger(__name__)
 
 app = ServerApp()
-PRIVACY_LOG_FIELDS = ("epsilon_user", "epsilon_record_max")
+PRIVACY_LOG_FIELDS = ("epsilon_user", "epsilon_record_max", "noise_std", "clipping_norm")
+SEED_KEYS = ("sampling_seed", "noise_seed")
+
+
+def round_line(row: dict[str, Any], *, rounds: list[dict[str, Any]], total_rounds: int) -> str:
+    """The per-round log line, built from the published row only.
+
+    Under client-level DP the row holds no counts and no timings (they are
+    withheld), so neither does the line.
+    """
+    parts = [f"round {row['round']}/{total_rounds}: test accuracy {row['test_accuracy']:.4f}"]
+    if row.get("num_clients") is not None:
+        parts.append(f"{row['num_clients']} clients, {row.get('num_rejected') or 0} rejected")
+    if row.get("seconds") is not None:
+        parts.append(f"{row['seconds']:.1f}s")
+    parts += [f"{key} {row[key]:.3g}" for key in PRIVACY_LOG_FIELDS if row.get(key) is not None]
+    line = ", ".join(parts)
+    if all(r.get("seconds") is not None for r in rounds):
+        line += f" | {progress(rounds, total_rounds=total_rounds)}"
+    return line
+
+
+def _strategy_seed_kwargs(experiment: Experiment) -> dict[str, int]:
+    """With ``seeded_noise``, the server's DP sampling and noise seeds derive from ``seed``."""
+    if not experiment.settings.seeded_noise:
+        return {}
+    seed = experiment.settings.seed
+    return {
+        key: seed + offset
+        for offset, key in enumerate(SEED_KEYS, start=1)
+        if key in experiment.strategy_config and experiment.strategy_config[key] is None
+    }
+
+
+def privacy_section(experiment: Experiment, strategy: WeightedFedAvg) -> dict[str, Any]:
+    """The ``privacy`` section of ``results.json``: which protections were on.
+
+    ``guarantee_void`` is true when any DP noise or sampling was seeded
+    (``seeded_noise``, ``strategy.noise_seed`` or ``strategy.sampling_seed``):
+    the seed is in the published config, so the noise can be replayed.
+    """
+    seeded = experiment.settings.seeded_noise or any(
+        experiment.strategy_config.get(key) is not None for key in SEED_KEYS
+    )
+    return {
+        "client_level": strategy.client_level_private,
+        "record_level": bool(getattr(experiment.client, "private", False)),
+        "seeded_noise": seeded,
+        "guarantee_void": seeded,
+    }
 
 
 def progress(rounds: list[dict[str, Any]], *, total_rounds: int) -> str:
@@ -59,8 +108,14 @@ def run_experiment(grid: Grid, experiment: Experiment, *, default_output_dir: Pa
     settings = experiment.settings
     output_dir = Path(settings.output_dir) if settings.output_dir else default_output_dir
     strategy: WeightedFedAvg = build_component(
-        experiment.strategy_config, key="strategy", **experiment.audit.strategy_kwargs()
+        experiment.strategy_config,
+        key="strategy",
+        **experiment.audit.strategy_kwargs(),
+        **_strategy_seed_kwargs(experiment),
     )
+    privacy = privacy_section(experiment, strategy)
+    if privacy["guarantee_void"]:
+        logger.warning("DP noise or sampling is seeded from the config: this run's privacy guarantee is VOID")
     torch.manual_seed(settings.seed)
     model = experiment.build_model()
     # The model before round 1 (seeded, so a resumed run rebuilds the same): the audit's theta_0.
@@ -75,7 +130,14 @@ def run_experiment(grid: Grid, experiment: Experiment, *, default_output_dir: Pa
         strategy.restore(resumed.strategy_state, completed_rounds=done)
         logger.info("resuming %s after round %d of %d", settings.resume, done, settings.num_rounds)
     ledger_id = resumed.ledger_id if resumed is not None else uuid.uuid4().hex
-    recorder = RunRecorder(output_dir, config=experiment.config, ledger_id=ledger_id, resumed=resumed)
+    recorder = RunRecorder(
+        output_dir,
+        config=experiment.config,
+        ledger_id=ledger_id,
+        resumed=resumed,
+        client_level_private=strategy.client_level_private,
+        privacy=privacy,
+    )
     latest = {"state_dict": model.state_dict(), "test_loss": None, "test_accuracy": None}
     logger.info("fedpriv run: results go to %s", output_dir.resolve())
 
@@ -96,17 +158,7 @@ def run_experiment(grid: Grid, experiment: Experiment, *, default_output_dir: Pa
                 state_dict=state_dict,
                 strategy_state=strategy.resume_state(),
             )
-            logger.info(
-                "round %d/%d: test accuracy %.4f, %d clients, %d rejected, %.1fs%s | %s",
-                server_round,
-                settings.num_rounds,
-                accuracy,
-                row["num_clients"] or 0,
-                row["num_rejected"] or 0,
-                row["seconds"],
-                "".join(f", {key} {row[key]:.3g}" for key in PRIVACY_LOG_FIELDS if row.get(key) is not None),
-                progress(recorder.rounds, total_rounds=settings.num_rounds),
-            )
+            logger.info("%s", round_line(row, rounds=recorder.rounds, total_rounds=settings.num_rounds))
         return MetricRecord({"test_loss": loss, "test_accuracy": accuracy})
 
     stop = None
@@ -116,7 +168,7 @@ def run_experiment(grid: Grid, experiment: Experiment, *, default_output_dir: Pa
             initial_arrays=ArrayRecord(model.state_dict()),
             num_rounds=settings.num_rounds - done,
             timeout=settings.round_timeout,
-            train_config=ConfigRecord({LEDGER_KEY: ledger_id}),
+            train_config=ConfigRecord({LEDGER_KEY: ledger_id, RESUMED_KEY: done}),
             evaluate_fn=evaluate_global,
         )
         stop = strategy.stop

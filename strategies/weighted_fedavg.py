@@ -15,16 +15,18 @@ from flwr.serverapp.strategy import Strategy
 
 from fedpriv.logs import get_logger
 from fedpriv.protocol import ROUND_KEY
+from fedpriv.publication import CLIENT_LEVEL_PUBLIC_ROUND, split_public
 from strategies.aggregation import (
     ArraySpec,
-    RejectedReply,
     MetricsReply,
+    RejectedReply,
     TrainReply,
     apply_server_lr,
     array_spec,
     parse_decline,
     parse_metrics_reply,
     parse_train_reply,
+    reported_privacy,
     sample_node_ids,
     weighted_average,
     weighted_metrics,
@@ -68,7 +70,9 @@ class WeightedFedAvg(Strategy):
 
     Clients that train with record-level DP report their cumulative
     ``epsilon`` and ``delta``; the strategy reports the largest and the mean
-    over clients as ``epsilon_record_max`` / ``epsilon_record_mean``. A client
+    over clients as ``epsilon_record_max`` / ``epsilon_record_mean``, counting
+    the epsilon that rejected and declined replies report too (their privacy
+    was spent all the same). A client
     over its budget declines (counted in ``num_declined``) and is not sampled
     again; once every node has declined the run stops with
     ``privacy_budget_exhausted``.
@@ -170,6 +174,11 @@ class WeightedFedAvg(Strategy):
         self._global: list[np.ndarray] = []
         self._spec: ArraySpec = {}
 
+    @property
+    def client_level_private(self) -> bool:
+        """Whether the run is client-level DP, so exact client statistics stay unpublished."""
+        return False
+
     def summary(self) -> None:
         """Log the strategy's configuration."""
         logger.info(
@@ -251,7 +260,7 @@ class WeightedFedAvg(Strategy):
         connected = self._connected_nodes(grid)
         candidates = [node for node in connected if node not in self.declined_nodes]
         if connected and not candidates:
-            raise StopRun("privacy_budget_exhausted", "every client has spent its record-level budget")
+            raise StopRun("privacy_budget_exhausted", "every client has declined: record-level budget spent or privacy ledger missing")
         return candidates
 
     def sample_train_nodes(self, server_round: int, grid: Grid) -> list[int]:
@@ -303,7 +312,12 @@ class WeightedFedAvg(Strategy):
     def validate_train_replies(
         self, replies: Iterable[Message]
     ) -> tuple[list[TrainReply], int, list[MetricsReply]]:
-        """Parse replies into valid ones, a count of rejected ones, and declines."""
+        """Parse replies into valid ones, a count of rejected ones, and declines.
+
+        The privacy a rejected reply reports (``epsilon``, ``delta``) is kept in
+        the record-level tally: the client spent it even though its model is
+        not used.
+        """
         valid, rejected, declined = [], 0, []
         for msg in replies:
             try:
@@ -312,10 +326,15 @@ class WeightedFedAvg(Strategy):
                     valid.append(parse_train_reply(msg, spec=self._spec))
                 else:
                     declined.append(decline)
-                    logger.warning("node %d declined: record-level privacy budget spent", decline.node_id)
+                    logger.warning("node %d declined: %s", decline.node_id, decline.reason)
             except RejectedReply as exc:
                 rejected += 1
                 logger.warning("rejected reply: %s", exc)
+                spent = reported_privacy(msg)
+                if spent:
+                    self._track_record_privacy(
+                        [MetricsReply(node_id=msg.metadata.src_node_id, num_examples=1.0, metrics=spent)]
+                    )
         return valid, rejected, declined
 
     def _track_record_privacy(self, replies: list[TrainReply | MetricsReply]) -> dict[str, float]:
@@ -382,7 +401,7 @@ class WeightedFedAvg(Strategy):
         valid, rejected, declined = self.validate_train_replies(replies)
         self.declined_nodes.update(d.node_id for d in declined)
         if self._known_nodes and self._known_nodes <= self.declined_nodes:
-            self.stop = StopRun("privacy_budget_exhausted", "every client has spent its record-level budget")
+            self.stop = StopRun("privacy_budget_exhausted", "every client has declined: record-level budget spent or privacy ledger missing")
         weights = [r.num_examples for r in valid]
         client_metrics = weighted_metrics([r.metrics for r in valid], weights)
         metrics = {
@@ -408,7 +427,11 @@ class WeightedFedAvg(Strategy):
             arrays = self._to_record(apply_server_lr(self._global, target, server_lr=self.server_lr))
         metrics.update(self.round_metrics(server_round))
         self.train_metrics[server_round] = metrics
-        return arrays, MetricRecord({k: v for k, v in metrics.items() if v is not None})
+        # Flower logs what this returns: under client-level DP only DP outputs.
+        published, _ = split_public(
+            metrics, public=CLIENT_LEVEL_PUBLIC_ROUND if self.client_level_private else None
+        )
+        return arrays, MetricRecord({k: v for k, v in published.items() if v is not None})
 
     def round_metrics(self, server_round: int) -> dict[str, float]:
         """Extra per-round metrics of subclasses (privacy spent, noise, ...)."""

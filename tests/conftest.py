@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -88,3 +89,11 @@ def run_project_script(name: str, *args: str, cwd: Path, timeout: float = 300) -
         cwd=cwd,
         env={**os.environ, "PYTHONPATH": str(REPO)},
     )
+
+
+def operator_records(run_dir: Path) -> tuple[str, list[dict]]:
+    """The operator file of a run: its warning line and its records, in order."""
+    from fedpriv.publication import OPERATOR_FILE
+
+    lines = [json.loads(line) for line in (Path(run_dir) / OPERATOR_FILE).read_text().splitlines()]
+    return lines[0]["warning"], lines[1:]

@@ -62,8 +62,8 @@ def run_audited_rounds(*, noise_multiplier: float, seed: int = 0) -> tuple[float
             )
             for m in messages
         ]
-        arrays, metrics = strategy.aggregate_train(server_round, replies)
-        assert metrics["num_canaries"] == int(canaries.coins.sum())
+        arrays, _ = strategy.aggregate_train(server_round, replies)
+        assert strategy.train_metrics[server_round]["num_canaries"] == int(canaries.coins.sum())
         current = {name: arrays[name].numpy() for name in SHAPES}
     scores = alignment_scores(
         seed=seed, num_canaries=CANARIES, initial=list(initial.values()), final=list(current.values())
@@ -97,7 +97,7 @@ def test_canary_updates_enter_the_clipped_sum_before_noise():
     replies = [reply(m.metadata.dst_node_id, zeros, {"num-examples": 100}) for m in messages]
 
     # Execute
-    arrays, metrics = strategy.aggregate_train(1, replies)
+    arrays, _ = strategy.aggregate_train(1, replies)
 
     # Assert: the model moved by sum_i 0.5 u_i / D over the included canaries, none clipped
     dimension = 20010
@@ -106,8 +106,9 @@ def test_canary_updates_enter_the_clipped_sum_before_noise():
     ) / strategy.denominator
     moved = flatten_floating([arrays[name].numpy() for name in SHAPES])
     np.testing.assert_allclose(moved, expected, atol=1e-6)
-    assert metrics["num_canaries"] == canaries.coins.sum()
-    assert metrics["clip_fraction"] == 0.0
+    exact = strategy.train_metrics[1]
+    assert exact["num_canaries"] == canaries.coins.sum()
+    assert exact["clip_fraction"] == 0.0
 
 
 def test_included_canaries_are_poisson_sampled_like_clients_and_excluded_never():
@@ -228,6 +229,6 @@ def test_opacus_without_noise_trains_and_reports_no_epsilon():
     # Assert
     assert "epsilon" not in outcome.metrics and "delta" not in outcome.metrics
     assert outcome.metrics["noise_multiplier"] == 0.0
-    assert math.isfinite(outcome.loss)
+    assert outcome.loss is None
     with pytest.raises(ValueError, match="client.noise_multiplier=-1.0"):
         OpacusTraining(noise_multiplier=-1.0)

@@ -2,12 +2,21 @@
 
 from __future__ import annotations
 
+import numpy as np
+import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, RecordDict
 
 from clients import client_app
+from clients.opacus_training import STATE_KEY
 from fedpriv.compose import compose_config
-from fedpriv.experiment import load_experiment
+from fedpriv.experiment import client_examples, load_experiment
+from fedpriv.protocol import DECLINE_REASON_KEY, DECLINED_KEY, RESUMED_KEY
 from fedpriv.run_config import flatten
+
+PRIVATE = ["num_clients=3", "client=opacus"]
+# What a record-level private client may send besides its model: its noisy
+# size and values computed from it and from public config.
+PRIVATE_REPLY_KEYS = {"num-examples", "epsilon", "delta", "noise_multiplier", "sample_rate", "steps"}
 
 
 def context_for(overrides, *, partition_id=0, num_partitions=3) -> Context:
@@ -21,10 +30,16 @@ def context_for(overrides, *, partition_id=0, num_partitions=3) -> Context:
     )
 
 
-def request(overrides, *, message_type=MessageType.TRAIN) -> Message:
+def request(overrides, *, message_type=MessageType.TRAIN, config=None) -> Message:
+    torch.manual_seed(0)
     model = load_experiment(compose_config(overrides)).build_model()
-    content = RecordDict({"arrays": ArrayRecord(model.state_dict()), "config": ConfigRecord({"server-round": 1})})
+    round_config = ConfigRecord({"server-round": 1, **(config or {})})
+    content = RecordDict({"arrays": ArrayRecord(model.state_dict()), "config": round_config})
     return Message(content=content, message_type=message_type, dst_node_id=1)
+
+
+def _arrays(answer: Message) -> list[np.ndarray]:
+    return [array.numpy() for array in answer.content["arrays"].values()]
 
 
 def test_train_replies_with_the_model_num_examples_and_loss():
@@ -68,3 +83,71 @@ def test_a_client_whose_data_fails_to_load_replies_with_an_error(tmp_path):
     assert answer.error.code == client_app.DATA_ERROR
     assert "client data could not be loaded" in answer.error.reason
     assert "dataset.root" in answer.error.reason
+
+
+def test_a_private_reply_carries_no_loss_and_no_exact_count():
+    # Prepare
+    context = context_for(PRIVATE)
+    experiment = load_experiment(compose_config(PRIVATE))
+    x, _ = client_examples(experiment, partition_id=0, num_partitions=3)
+
+    # Execute
+    answer = client_app.train(request(PRIVATE), context)
+
+    # Assert
+    metrics = answer.content["metrics"]
+    assert set(metrics) == PRIVATE_REPLY_KEYS
+    assert metrics["num-examples"] == context.state[STATE_KEY]["noisy_count"] != len(x)
+    assert context.state[STATE_KEY]["steps"][0] == 1  # the count release is in the ledger
+
+
+def test_the_replay_attack_on_a_default_private_client_fails():
+    # Prepare: the attacker knows the published seed and every record, and
+    # replays the client's training with the seed the client used to derive.
+    victim_context = context_for(PRIVATE)
+    released = _arrays(client_app.train(request(PRIVATE), victim_context))
+    seeded = PRIVATE + ["seeded_noise=true"]
+
+    # Execute: with the seed from the config, as training was seeded before.
+    replays = [_arrays(client_app.train(request(seeded), context_for(seeded))) for _ in range(2)]
+
+    # Assert: a seeded replay is reproducible, yet matches nothing the client released.
+    assert all(np.array_equal(a, b) for a, b in zip(*replays, strict=True))
+    assert not any(np.array_equal(a, b) for a, b in zip(released, replays[0], strict=True))
+
+
+def test_two_private_runs_differ_and_two_plain_runs_are_identical():
+    # Prepare
+    plain = ["num_clients=3", "client.local_epochs=1"]
+
+    # Execute
+    private_runs = [_arrays(client_app.train(request(PRIVATE), context_for(PRIVATE))) for _ in range(2)]
+    plain_runs = [_arrays(client_app.train(request(plain), context_for(plain))) for _ in range(2)]
+
+    # Assert
+    assert not any(np.array_equal(a, b) for a, b in zip(*private_runs, strict=True))
+    assert all(np.array_equal(a, b) for a, b in zip(*plain_runs, strict=True))
+
+
+def test_a_private_client_without_its_ledger_in_a_resumed_run_declines(tmp_path):
+    # Prepare: a resumed run (after round 2) whose ledger folder holds nothing.
+    overrides = PRIVATE + [f"output_dir={tmp_path}"]
+    resumed = request(overrides, config={RESUMED_KEY: 2, "privacy-ledger-id": "lost"})
+
+    # Execute
+    answer = client_app.train(resumed, context_for(overrides))
+
+    # Assert
+    assert not answer.has_error()
+    assert answer.content["metrics"][DECLINED_KEY] == 1
+    assert "arrays" not in answer.content
+    assert "without this client's privacy ledger" in answer.content["config"][DECLINE_REASON_KEY]
+
+
+def test_a_private_client_refuses_federated_evaluation():
+    # Execute
+    answer = client_app.evaluate(request(PRIVATE, message_type=MessageType.EVALUATE), context_for(PRIVATE))
+
+    # Assert
+    assert answer.has_error()
+    assert answer.error.code == client_app.EVALUATE_REFUSED

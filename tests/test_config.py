@@ -155,3 +155,31 @@ def test_bad_config_on_the_command_line_is_one_line_and_exit_2(args, expected):
     assert lines[0].startswith("config error: ")
     assert expected in lines[0]
     assert "Traceback" not in result.stdout + result.stderr
+
+
+def test_federated_evaluation_with_private_clients_is_refused_in_one_line():
+    # Prepare
+    config = compose_config(["client=opacus", "strategy.fraction_evaluate=0.5"])
+
+    # Execute / Assert
+    with pytest.raises(ConfigError, match=r"^strategy.fraction_evaluate=0.5: federated evaluation would release"):
+        load_experiment(config)
+
+
+def test_seeded_noise_is_recorded_as_voiding_the_guarantee():
+    # Prepare
+    from strategies.server_app import privacy_section
+
+    private = load_experiment(compose_config(["client=opacus"]))
+    seeded = load_experiment(compose_config(["client=opacus", "seeded_noise=true"]))
+    server_seeded = load_experiment(compose_config(["strategy=dp_fixed", "strategy.noise_seed=3"]))
+    strategy = build_component(compose_config([])["strategy"], key="strategy")
+    dp = build_component(server_seeded.strategy_config, key="strategy")
+
+    # Execute
+    sections = [privacy_section(private, strategy), privacy_section(seeded, strategy), privacy_section(server_seeded, dp)]
+
+    # Assert
+    assert [s["guarantee_void"] for s in sections] == [False, True, True]
+    assert sections[0] == {"client_level": False, "record_level": True, "seeded_noise": False, "guarantee_void": False}
+    assert sections[2]["client_level"] is True

@@ -132,10 +132,12 @@ def test_round_without_valid_replies_still_releases_noise_and_counts():
     # Execute
     arrays, metrics = strategy.aggregate_train(1, [error_reply(1), error_reply(2)])
 
-    # Assert
+    # Assert: the exact counts are the operator's; Flower gets only DP outputs.
     assert arrays is not None
     assert np.any(flat(arrays) != 0)
-    assert metrics["num_clients"] == 0 and metrics["num_rejected"] == 2
+    exact = strategy.train_metrics[1]
+    assert exact["num_clients"] == 0 and exact["num_rejected"] == 2
+    assert set(metrics) == {"epsilon_user", "clipping_norm", "noise_std"}
     assert metrics["epsilon_user"] > 0
 
 
@@ -226,6 +228,7 @@ def test_adaptive_noise_budget_is_split_between_count_and_update():
         ({"clipping_norm": 0.0}, "strategy.clipping_norm=0.0"),
         ({"accountant": "gdp"}, "strategy.accountant='gdp'"),
         ({"max_epsilon": -2.0}, "strategy.max_epsilon=-2.0"),
+        ({"fraction_evaluate": 0.5}, "strategy.fraction_evaluate=0.5: federated evaluation releases exact"),
     ],
 )
 def test_invalid_dp_settings_name_key_and_value(overrides, message):
@@ -236,3 +239,22 @@ def test_invalid_dp_settings_name_key_and_value(overrides, message):
 def test_adaptive_refuses_a_count_noise_that_would_eat_the_budget():
     with pytest.raises(ValueError, match="strategy.clipped_count_stddev=0.4"):
         AdaptiveDPFedAvg(num_clients=10, sample_rate=1.0, noise_multiplier=1.0, clipping_norm=1.0, clipped_count_stddev=0.4)
+
+
+def test_adaptive_clipping_publishes_the_noised_fraction_and_withholds_the_exact_one():
+    # Prepare: three clients, one of them far outside the clipping norm
+    strategy = AdaptiveDPFedAvg(
+        num_clients=10, sample_rate=1.0, noise_multiplier=1.0, clipping_norm=1.0, sampling_seed=0, noise_seed=0
+    )
+    start_round(strategy)
+    big = {"w": np.full((4, 3), 10.0, np.float32), "b": np.zeros(3, np.float32)}
+    replies = [model_reply(1, GLOBAL, 10), model_reply(2, GLOBAL, 10), model_reply(3, big, 10)]
+
+    # Execute
+    _, published = strategy.aggregate_train(1, replies)
+
+    # Assert: what Flower logs and the results get is DP output only
+    assert set(published) == {"epsilon_user", "clipping_norm", "noise_std", "unclipped_fraction_noisy"}
+    exact = strategy.train_metrics[1]
+    assert exact["clip_fraction"] == pytest.approx(1 / 3)
+    assert exact["num_clients"] == 3 and exact["train_loss"] == 1.0

@@ -13,8 +13,11 @@ import matplotlib.image
 import pytest
 import torch
 
+from conftest import operator_records
+
 from fedpriv.compose import compose_config
 from fedpriv.experiment import client_examples, load_experiment
+from fedpriv.publication import OPERATOR_FILE
 from fedpriv.results import ROUND_FIELDS
 
 REPO = Path(__file__).resolve().parents[1]
@@ -69,6 +72,10 @@ def test_simulation_writes_the_results_contract(tmp_path):
     for field in ("epsilon_user", "delta_user", "epsilon_record_max", "delta_record"):
         assert final[field] is None
     assert document["timing"]["total_seconds"] > 0
+    assert document["privacy"] == {
+        "client_level": False, "record_level": False, "seeded_noise": False, "guarantee_void": False
+    }
+    assert not (out / OPERATOR_FILE).exists()
 
     # Assert: the other artefacts
     with (out / "metrics.csv").open() as handle:
@@ -134,41 +141,68 @@ def test_server_budget_stops_the_run_cleanly_with_the_model_saved(tmp_path):
     assert (out / "model.pt").exists()
     assert matplotlib.image.imread(out / "epsilon.png").ndim == 3
 
+    # Assert: published means private. No exact client statistic or timing in
+    # results.json or metrics.csv; the operator file has them and says what it is.
+    assert document["privacy"]["client_level"] is True
+    published = {"round", "test_loss", "test_accuracy", "epsilon_user", "clipping_norm", "noise_std"}
+    for row in document["rounds"]:
+        assert {key for key, value in row.items() if value is not None} == published
+    assert document["timing"]["total_seconds"] is None
+    with (out / "metrics.csv").open() as handle:
+        assert {key for row in csv.DictReader(handle) for key, value in row.items() if value} == published
+    warning, records = operator_records(out)
+    assert "NOT COVERED BY THE REPORTED EPSILON" in warning and "Do not share" in warning
+    exact = [r for r in records if "round" in r]
+    assert [r["num_clients"] for r in exact] == [3, 3]
+    assert all(r["train_loss"] > 0 and r["seconds"] > 0 and "clip_fraction" in r for r in exact)
+    assert records[-1]["final"]["total_seconds"] > 0
+
 
 def test_both_dp_layers_report_and_client_budgets_stop_the_run(tmp_path):
-    # Prepare: 3 IID clients whose sizes give the same sampling and delta; the
-    # record-level budget allows two rounds
+    # Prepare: 3 IID clients of about 479 examples, batch 32: each releases a
+    # noisy size and trains K = ceil(n~ / 32) steps per round at rate 1 / K.
+    # The record-level budget allows two rounds whatever K a client gets.
     from fedpriv.privacy import compute_epsilon
 
     base = ["num_clients=3", "num_rounds=4", "strategy=dp_fixed", "client=opacus"]
     experiment = load_experiment(compose_config(base))
     client = experiment.client
     sizes = [len(client_examples(experiment, partition_id=i, num_partitions=3)[1]) for i in range(3)]
-    settings = {(client.sampling_for(n), client.target_delta_for(n)) for n in sizes}
-    assert len(settings) == 1
-    ((sample_rate, steps), delta), = settings
-    sigma = client.noise_multiplier
-    after = {r: compute_epsilon([(sigma, sample_rate, r * steps)], delta=delta) for r in (1, 2, 3)}
-    budget = (after[2] + after[3]) / 2
+    spread = 6 * client.count_noise_multiplier
+    ks = {client.sampling_for(n + d)[1] for n in sizes for d in (-spread, spread)} | {
+        client.sampling_for(n)[1] for n in sizes
+    }
+    count_release = (client.count_noise_multiplier, 1.0, 1)
+
+    def after(rounds: int, k: int) -> float:
+        return compute_epsilon([count_release, (client.noise_multiplier, 1 / k, rounds * k)], delta=1e-5)
+
+    budget = (max(after(2, k) for k in ks) + min(after(3, k) for k in ks)) / 2
+    assert max(after(2, k) for k in ks) < budget < min(after(3, k) for k in ks)
 
     # Execute
     _, out = run(tmp_path, *base, f"client.max_epsilon={budget}")
 
-    # Assert
+    # Assert: published rows hold client-level DP outputs only
     document = json.loads((out / "results.json").read_text())
     rounds = document["rounds"]
-    assert [row["num_clients"] for row in rounds] == [3, 3, 0]
-    assert [row["num_declined"] for row in rounds] == [0, 0, 3]
-    assert rounds[0]["epsilon_record_max"] == pytest.approx(after[1], rel=1e-6)
-    assert rounds[1]["epsilon_record_max"] == pytest.approx(after[2], rel=1e-6)
-    assert rounds[2]["epsilon_record_max"] == rounds[1]["epsilon_record_max"] <= budget
-    assert all(row["epsilon_user"] is not None for row in rounds)
+    assert document["privacy"]["client_level"] and document["privacy"]["record_level"]
+    assert all(row["epsilon_record_max"] is None and row["num_clients"] is None for row in rounds)
     assert rounds[0]["epsilon_user"] < rounds[1]["epsilon_user"] < rounds[2]["epsilon_user"]
     final = document["final"]
     assert final["stopped_reason"] == "privacy_budget_exhausted"
     assert final["rounds_completed"] == 3
-    assert final["epsilon_record_max"] == rounds[1]["epsilon_record_max"]
-    assert final["delta_record"] == delta
+    assert final["epsilon_record_max"] is None and final["delta_record"] is None
     assert final["epsilon_user"] == rounds[2]["epsilon_user"]
     assert final["delta_user"] == 1e-5
     assert (out / "model.pt").exists()
+
+    # Assert: the operator sees the declines and the exact record-level epsilons
+    _, records = operator_records(out)
+    exact = [r for r in records if "round" in r]
+    assert [r["num_clients"] for r in exact] == [3, 3, 0]
+    assert [r["num_declined"] for r in exact] == [0, 0, 3]
+    assert min(after(1, k) for k in ks) <= exact[0]["epsilon_record_max"] <= max(after(1, k) for k in ks)
+    assert exact[2]["epsilon_record_max"] == exact[1]["epsilon_record_max"] <= budget
+    assert records[-1]["final"]["epsilon_record_max"] == exact[1]["epsilon_record_max"]
+    assert records[-1]["final"]["delta_record"] == 1e-5

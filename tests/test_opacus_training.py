@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import importlib.util
 import logging
 import math
 import subprocess
@@ -23,14 +22,17 @@ from clients.opacus_training import (
     STATE_KEY,
     OpacusTraining,
     PrivacyBudgetExhausted,
+    poisson_batches,
+    poisson_loader,
 )
 from fedpriv.models import CNN28, CNN32, MLP, LogisticRegression
 
 REPO = Path(__file__).resolve().parents[1]
 N = 200
-BATCH = 20  # sample_rate 0.1, 10 steps per epoch
+BATCH = 20  # about 10 steps per epoch (from the noisy size)
+COUNT_Z = 10.0  # the default count_noise_multiplier
 DIGITS = (1, 8, 8)
-# DESIGN.md section 4: reported epsilon agrees with dp_accounting's PLD within 2%.
+# docs/design.md, section 4: reported epsilon agrees with dp_accounting's PLD within 2%.
 PLD_RTOL = 0.02
 
 
@@ -92,19 +94,34 @@ def client_a():
     return outcomes, state
 
 
-def test_epsilon_after_three_rounds_matches_pld_and_steps_compose(client_a):
+def test_epsilon_after_three_rounds_matches_pld_over_the_count_and_the_steps(client_a):
     # Prepare
     outcomes, state = client_a
+    count = _stored(state)["noisy_count"]
+    batches = math.ceil(count / BATCH)
 
     # Execute
     metrics = outcomes[-1].metrics
 
-    # Assert
-    expected = pld_epsilon([(1.0, 0.1, 30)], delta=1e-5)
+    # Assert: one count release, then three rounds of K Poisson steps at rate 1/K.
+    expected = pld_epsilon([(COUNT_Z, 1.0, 1), (1.0, 1 / batches, 3 * batches)], delta=1e-5)
     assert metrics["epsilon"] == pytest.approx(expected, rel=PLD_RTOL)
-    assert (metrics["sample_rate"], metrics["delta"], metrics["steps"]) == (0.1, 1e-5, 30)
-    assert _stored(state)["steps"] == [30]
-    assert [o.metrics["steps"] for o in outcomes] == [10, 20, 30]
+    assert (metrics["sample_rate"], metrics["delta"], metrics["steps"]) == (1 / batches, 1e-5, 3 * batches)
+    assert _stored(state)["steps"] == [1, 3 * batches]
+    assert [o.metrics["steps"] for o in outcomes] == [batches, 2 * batches, 3 * batches]
+
+
+def test_the_weight_is_the_noisy_size_and_no_loss_leaves(client_a):
+    # Prepare
+    outcomes, state = client_a
+
+    # Execute
+    weights = {o.num_examples for o in outcomes}
+
+    # Assert
+    assert weights == {_stored(state)["noisy_count"]}
+    assert weights != {float(N)}
+    assert all(o.loss is None for o in outcomes)
 
 
 def test_epsilon_grows_with_each_round_and_depends_only_on_rounds_trained(client_a):
@@ -127,7 +144,8 @@ def test_round_over_budget_is_declined_without_training_or_changing_state(client
     one_round = client_a[0][0].metrics["epsilon"]
     training = _training(max_epsilon=one_round * 1.1)
     state = RecordDict()
-    _train_rounds(training, [0], state=state, x=x, y=y)
+    # Seed 1, as client A's first round: the same released size.
+    _train_rounds(training, [1], state=state, x=x, y=y)
     before = _stored(state)
     model = _mlp()
     weights = {k: v.clone() for k, v in model.state_dict().items()}
@@ -163,7 +181,7 @@ def test_target_epsilon_is_solved_once_and_met_after_the_planned_rounds(caplog):
     assert 0.95 * 3.0 <= outcomes[-1].metrics["epsilon"] <= 3.0
 
 
-def test_default_target_delta_is_below_one_over_n_and_logged_once(caplog):
+def test_default_target_delta_is_below_one_over_the_noisy_size_and_logged_once(caplog):
     # Prepare
     small, large = _data(50), _data(20_000, shape=(1, 2, 2))
     training = _training(batch_size=5_000)
@@ -175,13 +193,13 @@ def test_default_target_delta_is_below_one_over_n_and_logged_once(caplog):
             training.fit(_mlp(), *small, seed=r, state=state).metrics["delta"] for r in range(2)
         ]
     large_model = MLP(input_shape=(1, 2, 2), num_classes=10, hidden_sizes=(4,))
-    large_delta = training.fit(large_model, *large, seed=0, state=RecordDict()).metrics["delta"]
+    large_outcome = training.fit(large_model, *large, seed=0, state=RecordDict())
 
     # Assert
     assert small_delta == [1e-5, 1e-5]
-    assert large_delta == pytest.approx(1 / (10 * 20_000)) and large_delta < 1 / 20_000
-    logged = "client with n=50 examples: target_delta=1e-05"
-    assert sum(logged in record.getMessage() for record in caplog.records) == 1
+    count = large_outcome.num_examples
+    assert large_outcome.metrics["delta"] == pytest.approx(1 / (10 * count)) and count == pytest.approx(20_000, abs=100)
+    assert sum("target_delta=1e-05" in record.getMessage() for record in caplog.records) == 1
 
 
 @pytest.mark.parametrize(
@@ -202,6 +220,7 @@ def test_default_target_delta_is_below_one_over_n_and_logged_once(caplog):
         ({"max_epsilon": -1.0}, "client.max_epsilon=-1.0"),
         ({"batch_size": 0}, "client.batch_size=0"),
         ({"optimizer": "rmsprop"}, "client.optimizer='rmsprop'"),
+        ({"count_noise_multiplier": 0.5}, "client.count_noise_multiplier=0.5: must be >= 1"),
     ],
 )
 def test_invalid_settings_raise_one_line_naming_the_key(settings, needle):
@@ -214,28 +233,20 @@ def test_invalid_settings_raise_one_line_naming_the_key(settings, needle):
     assert "\n" not in str(error.value)
 
 
-def test_target_delta_not_below_one_over_n_is_rejected_at_fit():
+def test_target_delta_not_below_one_over_n_is_rejected_at_fit_with_the_count_accounted():
     # Prepare
     x, y = _data()
-    training = _training(target_delta=1 / N)
+    training = _training(target_delta=0.05)
     state = RecordDict()
 
     # Execute
-    rule = r"client.target_delta=0.005: must be < 1/n = 0.005 for a client with n=200 examples"
+    rule = r"client.target_delta=0.05: must be < 1/n = .* for a client with n=\d+ examples"
     with pytest.raises(ValueError, match=rule):
         training.fit(_mlp(), x, y, seed=0, state=state)
 
-    # Assert
-    assert STATE_KEY not in state
-
-
-@pytest.mark.skipif(
-    importlib.util.find_spec("torchcsprng") is not None, reason="torchcsprng is installed"
-)
-def test_secure_mode_without_torchcsprng_is_refused_naming_the_package():
-    # Execute / Assert
-    with pytest.raises(ValueError, match=r"client.secure_mode=True: .*torchcsprng"):
-        _training(secure_mode=True)
+    # Assert: the refusal depends on the released size, so its release is in the ledger.
+    assert _stored(state)["steps"] == [1]
+    assert _stored(state)["noise_multipliers"] == [COUNT_Z]
 
 
 def test_model_with_batchnorm_is_rejected_naming_the_layer():
@@ -345,8 +356,8 @@ def test_every_grad_sample_mode_trains_a_round_with_empty_batches_like_hooks(
 
     # Assert
     assert empty_batches
-    assert outcome.metrics["steps"] == n
-    assert all(math.isfinite(float(v)) for v in (outcome.loss, *outcome.metrics.values()))
+    assert outcome.metrics["steps"] * outcome.metrics["sample_rate"] == pytest.approx(1.0)
+    assert all(math.isfinite(float(v)) for v in outcome.metrics.values())
     for key, value in model.state_dict().items():
         torch.testing.assert_close(value, expected[key], rtol=1e-3, atol=1e-3)
 
@@ -372,7 +383,7 @@ def test_default_mode_trains_the_other_models(build, shape):
     )
 
     # Assert
-    assert outcome.metrics["steps"] == 2
+    assert outcome.metrics["steps"] == poisson_batches(count=outcome.num_examples, batch_size=10)
 
 
 def test_importing_and_training_leave_logging_as_it_was():
@@ -404,3 +415,76 @@ def test_importing_and_training_leave_logging_as_it_was():
     # Assert
     assert result.returncode == 0, result.stderr
     assert "fedpriv-debug-marker" not in result.stderr + result.stdout
+
+
+def test_unseeded_training_draws_fresh_noise_and_a_fresh_count_every_time():
+    # Prepare
+    x, y = _data()
+    first, second = _mlp(), _mlp()
+    second.load_state_dict(first.state_dict())
+
+    # Execute
+    outcomes = [_training().fit(model, x, y, seed=None, state=RecordDict()) for model in (first, second)]
+
+    # Assert
+    assert outcomes[0].num_examples != outcomes[1].num_examples
+    pairs = zip(first.state_dict().values(), second.state_dict().values(), strict=True)
+    assert not any(torch.equal(a, b) for a, b in pairs)
+
+
+@pytest.mark.parametrize("batch_size", [1, 16, 64])
+def test_every_size_from_1_to_400_gets_a_loader_whose_rate_opacus_accounts(batch_size):
+    # Prepare
+    generator = torch.Generator().manual_seed(0)
+    mismatched = []
+
+    # Execute
+    for n in range(1, 401):
+        batches = poisson_batches(count=float(n), batch_size=batch_size)
+        loader = poisson_loader(torch.zeros(n, 2), torch.zeros(n, dtype=torch.long), batches=batches, generator=generator)
+        # Opacus' make_private accounts each step at 1 / len(loader).
+        if not (len(loader) == batches and loader.batch_sampler.sample_rate == 1 / len(loader)):
+            mismatched.append(n)
+
+    # Assert
+    assert mismatched == []
+
+
+# Sizes whose batches per epoch K have int(1 / (1 / K)) == K - 1 in floating point:
+# Opacus' own sampler drew one batch fewer than it accounted, so these never trained.
+FLOAT_TRAP_SIZES = [93, 99, 105, 117, 123, 186, 198, 210, 211, 221, 227, 234, 243, 245, 246, 372, 391, 393, 396]
+
+
+@pytest.mark.parametrize("n", FLOAT_TRAP_SIZES)
+def test_sizes_whose_batch_count_floating_point_rounds_down_train(n, monkeypatch):
+    # Prepare: batch size 1 and a released size of exactly n make K = n.
+    monkeypatch.setattr(opacus_training, "noisy_count", lambda count, **_: float(count))
+    x, y = torch.rand(n, 2), torch.randint(0, 2, (n,))
+
+    # Execute
+    outcome = _training(batch_size=1).fit(
+        LogisticRegression(input_shape=(2,), num_classes=2), x, y, seed=0, state=RecordDict()
+    )
+
+    # Assert
+    assert outcome.metrics["steps"] == n
+    assert outcome.metrics["sample_rate"] == 1 / n
+
+
+def test_gradients_are_averaged_over_the_public_expected_batch_size(monkeypatch):
+    # Prepare: capture the divisor the optimizer uses.
+    seen = []
+    original = opacus_training._use_public_batch_size
+    monkeypatch.setattr(
+        opacus_training,
+        "_use_public_batch_size",
+        lambda optimizer, size: seen.append(size) or original(optimizer, size) or seen.append(optimizer.expected_batch_size),
+    )
+    x, y = _data()
+
+    # Execute
+    outcome = _training().fit(_mlp(), x, y, seed=0, state=RecordDict())
+
+    # Assert: n~ / K, not Opacus' int(n / K) from the true size.
+    expected = outcome.num_examples * outcome.metrics["sample_rate"]
+    assert seen == [pytest.approx(expected), pytest.approx(expected)]

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import FakeGrid, arrays_record, reply, run_project_script
+from conftest import FakeGrid, arrays_record, operator_records, reply, run_project_script
 from flwr.app import ConfigRecord, RecordDict
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -284,12 +284,29 @@ def test_a_resumed_private_run_keeps_every_round_and_every_epsilon(tmp_path):
     # Assert: the server's accountant went on from 2 releases to 3
     expected_user = [compute_epsilon([(2.0, 1.0, r)], delta=1e-5, accountant="prv") for r in (1, 2, 3)]
     assert [row["epsilon_user"] for row in rows] == pytest.approx(expected_user, rel=1e-9)
-    # Assert: each client's ledger went on too (one more round of the same steps), so its epsilon grew
+    # Assert: each client's ledger went on too (one more round of the same
+    # steps after its one count release), so its epsilon grew
     steps_after_three = [sum(json.loads(p.read_text())["config_records"]["fedpriv.privacy"]["steps"]) for p in ledgers]
     assert len(ledgers) == 3
-    assert steps_after_three == [s * 3 // 2 for s in steps_after_two]
-    assert rows[2]["epsilon_record_max"] > rows[1]["epsilon_record_max"] > rows[0]["epsilon_record_max"]
+    assert steps_after_three == [(s - 1) * 3 // 2 + 1 for s in steps_after_two]
+    _, records = operator_records(out)
+    exact = {r["round"]: r for r in records if "round" in r}
+    assert exact[3]["epsilon_record_max"] > exact[2]["epsilon_record_max"] > exact[1]["epsilon_record_max"]
+    assert all(row["epsilon_record_max"] is None for row in rows)  # client-derived: not published
     assert (out / "model.pt").exists()
+
+    # Execute: the clients' ledgers are lost, and the run is resumed once more
+    for ledger in ledgers:
+        ledger.unlink()
+    run(tmp_path, *experiment, "num_rounds=4", f"resume={out}")
+
+    # Assert: no client restarts from zero: each declines, and the record-level
+    # epsilon reported never falls below what was spent
+    _, records = operator_records(out)
+    exact = {r["round"]: r for r in records if "round" in r}
+    assert exact[4]["num_declined"] == 3 and exact[4]["num_clients"] == 0
+    assert exact[4]["epsilon_record_max"] == exact[3]["epsilon_record_max"]
+    assert not any(ledger.exists() for ledger in ledgers)
 
 
 def test_resume_with_a_changed_experiment_is_refused_in_one_line(tmp_path):

@@ -193,3 +193,39 @@ def test_sampling_is_reproducible_and_sized(n, fraction, min_nodes, seed, server
 def test_invalid_settings_name_key_and_value(kwargs, message):
     with pytest.raises(ValueError, match=message.replace(".", r"\.")):
         WeightedFedAvg(**kwargs)
+
+
+def test_the_epsilon_of_a_rejected_reply_still_counts_in_epsilon_record_max():
+    # Prepare: node 9 trained privately (epsilon 7) but sent a malformed model
+    strategy = WeightedFedAvg()
+    configured(strategy)
+    honest = client(1, 2.0, epsilon=1.5, delta=1e-5)
+    wrong_shape = _bad_array("w", np.ones((2, 3), np.float32))
+    malformed = reply(9, wrong_shape, {"num-examples": 5, "epsilon": 7.0, "delta": 1e-5})
+
+    # Execute
+    _, metrics = strategy.aggregate_train(1, [honest, malformed])
+
+    # Assert
+    assert metrics["num_rejected"] == 1
+    assert metrics["epsilon_record_max"] == 7.0
+    assert strategy.privacy_summary()["epsilon_record_max"] == 7.0
+
+
+def test_a_decline_carries_its_reason_into_the_log(caplog):
+    # Prepare
+    from flwr.app import ConfigRecord as Config
+    from flwr.app import Message, MetricRecord, RecordDict
+
+    strategy = WeightedFedAvg()
+    configured(strategy)
+    request = Message(content=RecordDict(), message_type=MessageType.TRAIN, dst_node_id=2)
+    content = {"metrics": MetricRecord({"num-examples": 1, "declined": 1}), "config": Config({"decline-reason": "ledger lost"})}
+    decline = Message(content=RecordDict(content), reply_to=request)
+
+    # Execute
+    _, metrics = strategy.aggregate_train(1, [client(1, 2.0), decline])
+
+    # Assert
+    assert metrics["num_declined"] == 1
+    assert "node 2 declined: ledger lost" in caplog.text

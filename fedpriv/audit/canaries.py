@@ -6,7 +6,7 @@ canaries without exchanging them, and a results folder whose config holds the
 seed can be re-scored. The seed therefore has to stay with the auditor: the
 audit measures what someone who does *not* know the coins can infer.
 
-Two kinds, matching the two privacy levels (DESIGN.md, section 4):
+Two kinds, matching the two privacy levels (docs/design.md, section 4):
 
 * **Client canaries** (client-level DP, ``strategy=dp_fixed/dp_adaptive``):
   canary client ``i`` holds a fixed random unit direction ``u_i`` over every
