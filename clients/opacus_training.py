@@ -33,7 +33,7 @@ import secrets
 import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
-from numbers import Integral, Real
+from numbers import Integral
 from typing import ClassVar
 
 import numpy as np
@@ -43,10 +43,11 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 from torch.utils.data._utils.collate import default_collate
 
-from clients.plain import TrainOutcome
+from clients.plain import TrainOutcome, check_training_settings
+from fedpriv.checks import check_choice, check_delta, check_noise_multiplier, check_real
 from fedpriv.logs import get_logger
 from fedpriv.opacus_logging import opacus_logging_contained
-from fedpriv.training import OPTIMIZERS, evaluate, make_optimizer
+from fedpriv.training import make_optimizer
 
 logger = get_logger(__name__)
 
@@ -69,6 +70,9 @@ _IGNORED_WARNINGS = (
     "Secure RNG turned off",
     "Full backward hook is firing when gradients are computed with respect to module outputs",
 )
+# Above these the clipping or the count's noise stop being numerically meaningful.
+_MAX_GRAD_NORM = 1e6
+_MAX_COUNT_NOISE = 1e6
 # Opacus logs this when a pass starts with an empty Poisson batch, which
 # _stage_empty_batch handles.
 _IGNORED_LOG_PREFIX = "First batch is empty"
@@ -129,31 +133,6 @@ def _accounting():
     with opacus_logging_contained():
         from fedpriv.privacy import accounting
     return accounting
-
-
-def _fail(key: str, value: object, rule: str) -> ValueError:
-    return ValueError(f"client.{key}={value!r}: {rule}")
-
-
-def _check_int(key: str, value: object, *, minimum: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, Integral):
-        raise _fail(key, value, "must be an integer")
-    if value < minimum:
-        raise _fail(key, value, f"must be >= {minimum}")
-
-
-def _check_positive(key: str, value: object) -> None:
-    if isinstance(value, bool) or not isinstance(value, Real) or not math.isfinite(value):
-        raise _fail(key, value, "must be a finite number")
-    if value <= 0:
-        raise _fail(key, value, "must be > 0")
-
-
-def _check_non_negative(key: str, value: object) -> None:
-    if isinstance(value, bool) or not isinstance(value, Real) or not math.isfinite(value):
-        raise _fail(key, value, "must be a finite number")
-    if value < 0:
-        raise _fail(key, value, "must be >= 0")
 
 
 def _check_model(model: nn.Module) -> None:
@@ -290,7 +269,8 @@ class OpacusTraining:
     weight_decay : float
         L2 penalty.
     noise_multiplier : float or None
-        Noise standard deviation over ``max_grad_norm``, ``>= 0``. Exactly one
+        Noise standard deviation over ``max_grad_norm``: 0 or in ``[0.01,
+        1e6]``. Exactly one
         of ``noise_multiplier`` and ``target_epsilon`` must be set. 0 only
         for audits: the run is then not private, and clients report no
         ``epsilon`` (it is infinite).
@@ -300,10 +280,11 @@ class OpacusTraining:
         it trains in every round of the run (conservative), and reused after.
         The count release is part of the budget.
     max_grad_norm : float
-        Per-example gradient clipping norm.
+        Per-example gradient clipping norm, in ``(0, 1e6]``.
     target_delta : float or None
         Delta of the reported epsilon. ``None`` gives each client
-        ``min(1e-5, 1 / (10 n~))``; a given value must be in ``(0, 1 / n~)``.
+        ``min(1e-5, 1 / (10 n~))``; a given value must be in ``[1e-12, 1 /
+        n~)``.
     accountant : str
         ``prv`` (tight, default) or ``rdp``.
     grad_sample_mode : str
@@ -340,51 +321,28 @@ class OpacusTraining:
 
     def __post_init__(self) -> None:
         """Validate the settings."""
-        _check_int("local_epochs", self.local_epochs, minimum=1)
-        _check_int("batch_size", self.batch_size, minimum=1)
-        if self.optimizer not in OPTIMIZERS:
-            raise _fail("optimizer", self.optimizer, f"must be one of {list(OPTIMIZERS)}")
-        _check_positive("lr", self.lr)
-        if not (isinstance(self.momentum, Real) and 0 <= self.momentum < 1):
-            raise _fail("momentum", self.momentum, "must be in [0, 1)")
-        if not (
-            isinstance(self.weight_decay, Real)
-            and math.isfinite(self.weight_decay)
-            and self.weight_decay >= 0
-        ):
-            raise _fail("weight_decay", self.weight_decay, "must be >= 0")
+        check_training_settings(self)
         if (self.noise_multiplier is None) == (self.target_epsilon is None):
             raise ValueError(
                 f"client.noise_multiplier={self.noise_multiplier} and "
                 f"client.target_epsilon={self.target_epsilon}: set exactly one"
             )
         if self.noise_multiplier is not None:
-            _check_non_negative("noise_multiplier", self.noise_multiplier)
+            check_noise_multiplier("client.noise_multiplier", self.noise_multiplier)
             if self.noise_multiplier == 0:
                 logger.warning("client.noise_multiplier=0: DP-SGD adds no noise; this run is NOT record-level private")
         if self.target_epsilon is not None:
-            _check_positive("target_epsilon", self.target_epsilon)
-        _check_positive("max_grad_norm", self.max_grad_norm)
+            check_real("client.target_epsilon", self.target_epsilon, above=0.0)
+        check_real("client.max_grad_norm", self.max_grad_norm, above=0.0, maximum=_MAX_GRAD_NORM)
         if self.target_delta is not None:
-            _check_positive("target_delta", self.target_delta)
-            if self.target_delta >= 1:
-                raise _fail("target_delta", self.target_delta, "must be in (0, 1 / n)")
-        if self.grad_sample_mode not in GRAD_SAMPLE_MODES:
-            raise _fail(
-                "grad_sample_mode",
-                self.grad_sample_mode,
-                f"must be one of {list(GRAD_SAMPLE_MODES)}",
-            )
-        _check_positive("count_noise_multiplier", self.count_noise_multiplier)
-        if self.count_noise_multiplier < 1:
-            # Below the count's sensitivity the release costs epsilon > 4 at
-            # delta 1e-5 and the accountants' numerics break down.
-            raise _fail("count_noise_multiplier", self.count_noise_multiplier, "must be >= 1 (the count's sensitivity)")
+            check_delta("client.target_delta", self.target_delta)
+        check_choice("client.grad_sample_mode", self.grad_sample_mode, GRAD_SAMPLE_MODES)
+        # Below the count's sensitivity (1) the release costs epsilon > 4 at
+        # delta 1e-5 and the accountants' numerics break down.
+        check_real("client.count_noise_multiplier", self.count_noise_multiplier, minimum=1.0, maximum=_MAX_COUNT_NOISE)
         if self.max_epsilon is not None:
-            _check_positive("max_epsilon", self.max_epsilon)
-        accountants = _accounting().ACCOUNTANTS
-        if self.accountant not in accountants:
-            raise _fail("accountant", self.accountant, f"must be one of {list(accountants)}")
+            check_real("client.max_epsilon", self.max_epsilon, above=0.0)
+        check_choice("client.accountant", self.accountant, _accounting().ACCOUNTANTS)
 
     def target_delta_for(self, count: float) -> float:
         """The delta of a client of (noisy) size ``count``.

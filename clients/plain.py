@@ -2,14 +2,37 @@
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from typing import ClassVar
 
 import torch
 from torch import nn
 
+from fedpriv.checks import check_choice, check_int, check_real
 from fedpriv.training import OPTIMIZERS, make_optimizer, train_epochs
+
+MAX_LOCAL_EPOCHS = 10_000
+MAX_BATCH_SIZE = 10**7
+MAX_LR = 1e3
+MAX_WEIGHT_DECAY = 1e3
+
+
+def check_training_settings(training) -> None:
+    """Validate the settings every local training shares (epochs, batches, optimizer).
+
+    Raises
+    ------
+    ValueError
+        ``client.<key>=<value>: <rule>`` for the first bad setting.
+    """
+    check_int("client.local_epochs", training.local_epochs, minimum=1, maximum=MAX_LOCAL_EPOCHS)
+    check_int("client.batch_size", training.batch_size, minimum=1, maximum=MAX_BATCH_SIZE)
+    check_choice("client.optimizer", training.optimizer, OPTIMIZERS)
+    check_real("client.lr", training.lr, above=0.0, maximum=MAX_LR)
+    momentum = check_real("client.momentum", training.momentum, minimum=0.0)
+    if momentum >= 1:
+        raise ValueError(f"client.momentum={training.momentum!r}: must be in [0, 1)")
+    check_real("client.weight_decay", training.weight_decay, minimum=0.0, maximum=MAX_WEIGHT_DECAY)
 
 
 @dataclass(frozen=True)
@@ -65,18 +88,7 @@ class PlainTraining:
 
     def __post_init__(self) -> None:
         """Validate the settings."""
-        if self.local_epochs < 1:
-            raise ValueError(f"client.local_epochs={self.local_epochs}: must be >= 1")
-        if self.batch_size < 1:
-            raise ValueError(f"client.batch_size={self.batch_size}: must be >= 1")
-        if self.optimizer not in OPTIMIZERS:
-            raise ValueError(f"client.optimizer={self.optimizer!r}: must be one of {list(OPTIMIZERS)}")
-        if not (math.isfinite(self.lr) and self.lr > 0):
-            raise ValueError(f"client.lr={self.lr}: must be > 0")
-        if not (0 <= self.momentum < 1):
-            raise ValueError(f"client.momentum={self.momentum}: must be in [0, 1)")
-        if not (math.isfinite(self.weight_decay) and self.weight_decay >= 0):
-            raise ValueError(f"client.weight_decay={self.weight_decay}: must be >= 0")
+        check_training_settings(self)
 
     def fit(
         self,

@@ -11,14 +11,16 @@ from __future__ import annotations
 import abc
 import functools
 import math
-import numbers
 import os
 import tempfile
 from dataclasses import dataclass
+from numbers import Real
 from typing import Callable, ClassVar
 
 import numpy as np
 import torch
+
+from fedpriv.checks import check_int, fail
 
 _SPLIT_SOURCES = ("official", "test_file")
 _IDX_KINDS = ("images-idx3-ubyte", "labels-idx1-ubyte")
@@ -61,23 +63,9 @@ class DatasetSplits:
         return tuple(self.train_x.shape[1:])
 
 
-def _is_int(value: object) -> bool:
-    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
-
-
 def _check_fraction(key: str, value: object) -> None:
-    if not (
-        isinstance(value, numbers.Real)
-        and not isinstance(value, bool)
-        and math.isfinite(value)
-        and 0 < value < 1
-    ):
-        raise ValueError(f"dataset.{key}={value}: must be in (0, 1)")
-
-
-def _check_int(key: str, value: object, *, minimum: int) -> None:
-    if not (_is_int(value) and value >= minimum):
-        raise ValueError(f"dataset.{key}={value}: must be an integer >= {minimum}")
+    if isinstance(value, bool) or not isinstance(value, Real) or not 0 < value < 1:
+        raise fail(f"dataset.{key}", value, "must be in (0, 1)")
 
 
 def _stratified_split(
@@ -174,7 +162,7 @@ class Digits(_Dataset):
 
     def __post_init__(self) -> None:
         _check_fraction("test_fraction", self.test_fraction)
-        _check_int("seed", self.seed, minimum=0)
+        check_int("dataset.seed", self.seed, minimum=0)
 
     def _build(self) -> DatasetSplits:
         from sklearn.datasets import load_digits
@@ -219,7 +207,7 @@ class BreastCancer(_Dataset):
 
     def __post_init__(self) -> None:
         _check_fraction("test_fraction", self.test_fraction)
-        _check_int("seed", self.seed, minimum=0)
+        check_int("dataset.seed", self.seed, minimum=0)
 
     def _build(self) -> DatasetSplits:
         from sklearn.datasets import load_breast_cancer
@@ -269,9 +257,9 @@ class _TorchvisionImages(_Dataset):
                 f"must be one of {', '.join(_SPLIT_SOURCES)}"
             )
         _check_fraction("test_fraction", self.test_fraction)
-        _check_int("max_train_examples", self.max_train_examples, minimum=0)
-        _check_int("max_test_examples", self.max_test_examples, minimum=0)
-        _check_int("seed", self.seed, minimum=0)
+        check_int("dataset.max_train_examples", self.max_train_examples, minimum=0)
+        check_int("dataset.max_test_examples", self.max_test_examples, minimum=0)
+        check_int("dataset.seed", self.seed, minimum=0)
 
     @property
     def _root(self) -> str:

@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import ipaddress
 import json
-import math
 import os
 import re
 import shutil
@@ -44,6 +43,7 @@ from dataclasses import dataclass
 from importlib.util import find_spec
 from pathlib import Path
 
+from fedpriv.checks import check_bool, check_real
 from fedpriv.logs import get_logger
 from fedpriv.run_config import Scalar
 from fedpriv.simulation import stage_app
@@ -177,12 +177,10 @@ class DeploymentMode:
             )
         if self.root_certificates is not None and not Path(self.root_certificates).expanduser().is_file():
             raise ValueError(f"mode.root_certificates={self.root_certificates!r}: file not found")
-        if self.timeout_seconds is not None and not (
-            math.isfinite(self.timeout_seconds) and self.timeout_seconds > 0
-        ):
-            raise ValueError(f"mode.timeout_seconds={self.timeout_seconds}: must be > 0 (or null)")
-        if not (math.isfinite(self.poll_seconds) and self.poll_seconds > 0):
-            raise ValueError(f"mode.poll_seconds={self.poll_seconds}: must be > 0")
+        check_bool("mode.stream", self.stream)
+        if self.timeout_seconds is not None:
+            check_real("mode.timeout_seconds", self.timeout_seconds, minimum=1.0, maximum=1e7)
+        check_real("mode.poll_seconds", self.poll_seconds, minimum=0.01, maximum=3600.0)
 
     @property
     def results_local(self) -> bool:

@@ -10,17 +10,21 @@ ServerApp, from ``Experiment.strategy_config``.
 from __future__ import annotations
 
 import functools
-import math
+import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
+from fedpriv.checks import check_bool, check_int, check_real, check_text
 from fedpriv.run_config import ConfigError, Scalar, build_component, unflatten
 
 GROUPS = ("strategy", "client", "model", "dataset", "partition")
+MAX_CLIENTS = 10**7
+MAX_ROUNDS = 10**6
 # Optional groups: a config without them (an older results.json) gets these.
 OPTIONAL_GROUPS = {"audit": {"_target_": "fedpriv.audit.NoAudit"}}
 
@@ -62,18 +66,16 @@ class RunSettings:
 
     def __post_init__(self) -> None:
         """Validate the settings."""
-        for key in ("num_clients", "num_rounds", "seed"):
-            value = getattr(self, key)
-            if isinstance(value, bool) or not isinstance(value, int):
-                raise ConfigError(f"{key}={value!r}: must be an integer")
-        if self.num_clients < 1:
-            raise ConfigError(f"num_clients={self.num_clients}: must be >= 1")
-        if self.num_rounds < 1:
-            raise ConfigError(f"num_rounds={self.num_rounds}: must be >= 1")
-        if not isinstance(self.seeded_noise, bool):
-            raise ConfigError(f"seeded_noise={self.seeded_noise!r}: must be true or false")
-        if not (math.isfinite(self.round_timeout) and self.round_timeout > 0):
-            raise ConfigError(f"round_timeout={self.round_timeout}: must be > 0")
+        try:
+            check_int("num_clients", self.num_clients, minimum=1, maximum=MAX_CLIENTS)
+            check_int("num_rounds", self.num_rounds, minimum=1, maximum=MAX_ROUNDS)
+            check_int("seed", self.seed, minimum=0, maximum=2**63 - 1)
+            check_bool("seeded_noise", self.seeded_noise)
+            check_real("round_timeout", self.round_timeout, minimum=1.0, maximum=1e7)
+            check_text("output_dir", self.output_dir)
+            check_text("resume", self.resume)
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from exc
         if self.resume and self.output_dir != self.resume:
             # Clients without a ledger-dir of their own keep their privacy
             # ledgers under output_dir: a resumed run must look in the same place.
@@ -162,6 +164,48 @@ def load_experiment(config: Mapping[str, Any]) -> Experiment:
             "exact client metrics that client=opacus does not cover; the server evaluates on its own split"
         )
     return experiment
+
+
+def check_runnable(experiment: Experiment, *, mode: Any) -> None:
+    """Refuse, before anything starts, what can only fail later.
+
+    Checks that the output folder can be created and written (nothing is
+    created here) and, in a simulation, that the strategy does not wait for
+    more nodes than there are clients.
+
+    Raises
+    ------
+    ConfigError
+        Naming the key and the value.
+    """
+    if experiment.settings.output_dir:
+        problem = unwritable_reason(Path(experiment.settings.output_dir).expanduser())
+        if problem:
+            raise ConfigError(f"output_dir={experiment.settings.output_dir!r}: {problem}")
+    waits_for = experiment.strategy_config.get("min_available_nodes", 0)
+    if getattr(mode, "simulated", False) and waits_for > experiment.settings.num_clients:
+        raise ConfigError(
+            f"strategy.min_available_nodes={waits_for}: a simulation has only num_clients="
+            f"{experiment.settings.num_clients} nodes, so the first round could never start"
+        )
+
+
+def unwritable_reason(folder: Path) -> str:
+    """Why ``folder`` could not be created or written into; empty if it can.
+
+    Looks at the folder, or at its nearest existing parent, without creating
+    anything.
+    """
+    existing = folder
+    while not existing.exists():
+        if existing.parent == existing:
+            return "no existing parent folder"
+        existing = existing.parent
+    if not existing.is_dir():
+        return f"{existing} is a file, not a folder"
+    if not os.access(existing, os.W_OK | os.X_OK):
+        return f"{existing} is not writable"
+    return ""
 
 
 @functools.lru_cache(maxsize=4)

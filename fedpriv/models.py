@@ -13,11 +13,19 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
+from fedpriv.checks import check_int
+
+
+MAX_WIDTH = 1 << 16  # units or channels of one layer
+
 
 def _check_positive_ints(key: str, values: Sequence[int]) -> tuple[int, ...]:
+    rule = f"must be a non-empty list of integers in [1, {MAX_WIDTH}]"
+    if isinstance(values, str | bytes) or not isinstance(values, Sequence):
+        raise ValueError(f"model.{key}={values!r}: {rule}")
     values = tuple(values)
-    if not values or any(isinstance(v, bool) or not isinstance(v, int) or v < 1 for v in values):
-        raise ValueError(f"model.{key}={list(values)}: must be a non-empty list of positive integers")
+    if not values or any(isinstance(v, bool) or not isinstance(v, int) or not 1 <= v <= MAX_WIDTH for v in values):
+        raise ValueError(f"model.{key}={list(values)}: {rule}")
     return values
 
 
@@ -120,8 +128,7 @@ class _ImageCNN(nn.Module):
         widths = (in_channels, *_check_positive_ints("channels", channels))
         if self.side % (2 ** (len(widths) - 1)):
             raise ValueError(f"model.channels={list(channels)}: too many pooling stages for {self.side}x{self.side} inputs")
-        if groups < 1:
-            raise ValueError(f"model.groups={groups}: must be >= 1")
+        check_int("model.groups", groups, minimum=1, maximum=MAX_WIDTH)
         self.features = nn.Sequential(
             *(
                 _conv_block(c_in, c_out, groups=groups)

@@ -36,6 +36,7 @@ CLIENT_LEVEL_PUBLIC_ROUND = frozenset(
         "clipping_norm",
         "noise_std",
         "unclipped_fraction_noisy",
+        "diverged",
     }
 )
 """Round fields that are DP outputs or public config under client-level DP.
@@ -43,7 +44,7 @@ CLIENT_LEVEL_PUBLIC_ROUND = frozenset(
 The server's test metrics evaluate the noised model on the server's own data;
 the clipping norm of a round is public config or (adaptive clipping) a
 function of earlier noised counts; ``unclipped_fraction_noisy`` is the noised
-count itself.
+count itself; ``diverged`` says the released (noised) model was not finite.
 """
 
 CLIENT_LEVEL_PUBLIC_FINAL = frozenset(

@@ -42,7 +42,7 @@ ROUND_FIELDS = (
     "clipping_norm",
     "noise_std",
 )
-STOPPED_REASONS = ("completed", "privacy_budget_exhausted")
+STOPPED_REASONS = ("completed", "privacy_budget_exhausted", "diverged")
 
 
 def _json_value(value: Any) -> Any:

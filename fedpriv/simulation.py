@@ -13,14 +13,15 @@ read it from ``context.run_config`` like any Flower app.
 
 from __future__ import annotations
 
-import math
 import os
 import tempfile
 from dataclasses import dataclass
+from typing import ClassVar
 from pathlib import Path
 
 import tomli_w
 
+from fedpriv.checks import check_bool, check_real
 from fedpriv.logs import get_logger
 from fedpriv.run_config import Scalar
 
@@ -91,6 +92,9 @@ class SimulationMode:
         (``+mode.server_app=...``).
     """
 
+    simulated: ClassVar[bool] = True
+    """Every node is started by the run itself (``num_clients`` of them)."""
+
     backend: str = "ray"
     client_num_cpus: float = 1.0
     client_num_gpus: float = 0.0
@@ -102,10 +106,12 @@ class SimulationMode:
         """Validate the settings."""
         if self.backend not in BACKENDS:
             raise ValueError(f"mode.backend={self.backend!r}: must be one of {list(BACKENDS)}")
-        if not (math.isfinite(self.client_num_cpus) and self.client_num_cpus > 0):
-            raise ValueError(f"mode.client_num_cpus={self.client_num_cpus}: must be > 0")
-        if not (math.isfinite(self.client_num_gpus) and self.client_num_gpus >= 0):
-            raise ValueError(f"mode.client_num_gpus={self.client_num_gpus}: must be >= 0")
+        # Ray keeps 4 decimals of a resource: smaller requests would round to 0.
+        check_real("mode.client_num_cpus", self.client_num_cpus, minimum=0.01, maximum=1024.0)
+        gpus = check_real("mode.client_num_gpus", self.client_num_gpus, minimum=0.0, maximum=64.0)
+        if 0 < gpus < 0.01:
+            raise ValueError(f"mode.client_num_gpus={self.client_num_gpus!r}: must be 0 or in [0.01, 64]")
+        check_bool("mode.verbose", self.verbose)
         for key in ("server_app", "client_app"):
             module, _, attribute = str(getattr(self, key)).partition(":")
             if not (module and attribute):

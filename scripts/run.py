@@ -31,7 +31,7 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 from fedpriv.checkpoint import check_resumable, load_checkpoint  # noqa: E402
-from fedpriv.experiment import client_examples, load_experiment  # noqa: E402
+from fedpriv.experiment import check_runnable, client_examples, load_experiment  # noqa: E402
 from fedpriv.run_config import ConfigError, build_component, flatten  # noqa: E402
 
 CONFIG_ERROR = 2
@@ -69,6 +69,7 @@ def prepare(cfg: DictConfig, *, output_dir: str):
     except (OSError, ValueError) as exc:
         raise ConfigError(str(exc)) from exc
     mode = build_component(nested["mode"], key="mode")
+    check_runnable(experiment, mode=mode)
     return experiment, mode, flatten(nested)
 
 

@@ -1,8 +1,11 @@
 """Aggregation math and reply validation as plain functions (no Grid needed).
 
 A reply is validated against the spec of the global model that was sent: the
-same array names, shapes and dtypes, finite values, and a usable
-``num-examples``. Anything else raises :class:`RejectedReply` with the reason;
+same array names, shapes and dtypes, finite values, and a finite
+``num-examples`` of at least 1. Each array's bytes are checked against the spec
+before they are decoded (size, then the ``.npy`` header), so a reply cannot make
+the server allocate more than the model needs, and any failure while decoding
+rejects the reply. Anything else raises :class:`RejectedReply` with the reason;
 the strategy counts it and the round goes on.
 """
 
@@ -11,13 +14,22 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from io import BytesIO
 
 import numpy as np
-from flwr.app import ArrayRecord, Message
+from flwr.app import Array, ArrayRecord, Message
+from flwr.common.constant import SType
 
 from fedpriv.protocol import DECLINE_REASON_KEY, DECLINED_KEY, WEIGHT_KEY
 
 ArraySpec = dict[str, tuple[tuple[int, ...], np.dtype]]
+
+MIN_NUM_EXAMPLES = 1.0
+"""Smallest ``num-examples`` a reply may claim (a count below one example is
+meaningless, and a weight near 0 underflows when bounded or divided)."""
+
+# An .npy header is padded to a multiple of 64 bytes; numpy warns past 10,000.
+_MAX_NPY_HEADER_BYTES = 16_384
 
 
 class RejectedReply(ValueError):
@@ -84,8 +96,8 @@ def _parse_metrics(msg: Message, *, node_id: int) -> tuple[float, dict[str, floa
         raise RejectedReply(f"node {node_id}: missing '{WEIGHT_KEY}'")
     if not _is_number(weight):
         raise RejectedReply(f"node {node_id}: '{WEIGHT_KEY}'={weight!r} is not a number")
-    if not (math.isfinite(weight) and weight > 0):
-        raise RejectedReply(f"node {node_id}: '{WEIGHT_KEY}'={weight!r} must be finite and > 0")
+    if not (math.isfinite(weight) and weight >= MIN_NUM_EXAMPLES):
+        raise RejectedReply(f"node {node_id}: '{WEIGHT_KEY}'={weight!r} must be a finite number >= {MIN_NUM_EXAMPLES:g}")
     scalars: dict[str, float] = {}
     for key, value in metrics.items():
         if isinstance(value, list):
@@ -163,19 +175,53 @@ def parse_train_reply(msg: Message, *, spec: ArraySpec) -> TrainReply:
     arrays = []
     for name, (shape, dtype) in spec.items():
         try:
-            value = record[name].numpy()
-        except (TypeError, ValueError) as exc:
-            raise RejectedReply(f"node {node_id}: array '{name}' cannot be decoded: {exc}") from exc
-        if value.shape != shape or value.dtype != dtype:
-            raise RejectedReply(
-                f"node {node_id}: array '{name}' is {value.dtype}{list(value.shape)}, "
-                f"expected {dtype}{list(shape)}"
-            )
+            value = decode_array(record[name], shape=shape, dtype=dtype)
+        except RejectedReply as exc:
+            raise RejectedReply(f"node {node_id}: array '{name}' {exc}") from exc
         if not np.all(np.isfinite(value)):
             raise RejectedReply(f"node {node_id}: array '{name}' has non-finite values")
         arrays.append(value)
     weight, metrics = _parse_metrics(msg, node_id=node_id)
     return TrainReply(node_id=node_id, arrays=arrays, num_examples=weight, metrics=metrics)
+
+
+def decode_array(array: Array, *, shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
+    """Decode a reply's array only if it is what the spec says, without trusting it.
+
+    The declared metadata, the byte count and the ``.npy`` header are checked
+    against ``shape`` and ``dtype`` before any data is read, so a header that
+    claims a huge shape is refused instead of allocated.
+
+    Raises
+    ------
+    RejectedReply
+        Naming what did not match, or why decoding failed.
+    """
+    if not isinstance(array, Array) or array.stype != SType.NUMPY:
+        raise RejectedReply(f"is not a NumPy array ({getattr(array, 'stype', type(array).__name__)!r})")
+    if tuple(array.shape) != shape or array.dtype != str(dtype):
+        raise RejectedReply(f"is declared {array.dtype}{list(array.shape)}, expected {dtype}{list(shape)}")
+    data = array.data
+    needed = math.prod(shape) * dtype.itemsize
+    if not needed < len(data) <= needed + _MAX_NPY_HEADER_BYTES:
+        raise RejectedReply(f"carries {len(data)} bytes, expected {needed} plus a header")
+    stream = BytesIO(data)
+    try:
+        version = np.lib.format.read_magic(stream)
+        read_header = {(1, 0): np.lib.format.read_array_header_1_0, (2, 0): np.lib.format.read_array_header_2_0}
+        if version not in read_header:
+            raise RejectedReply(f"has .npy format version {version}, expected 1.0 or 2.0")
+        header_shape, _, header_dtype = read_header[version](stream)
+        if tuple(header_shape) != shape or header_dtype != dtype:
+            raise RejectedReply(f"has a header for {header_dtype}{list(header_shape)}, expected {dtype}{list(shape)}")
+        value = np.lib.format.read_array(BytesIO(data), allow_pickle=False)
+    except RejectedReply:
+        raise
+    except Exception as exc:  # a peer's bytes can fail in any way; the round must not
+        raise RejectedReply(f"cannot be decoded: {type(exc).__name__}: {exc}") from exc
+    if value.shape != shape or value.dtype != dtype:
+        raise RejectedReply(f"decodes to {value.dtype}{list(value.shape)}, expected {dtype}{list(shape)}")
+    return value
 
 
 def parse_metrics_reply(msg: Message) -> MetricsReply:
@@ -190,18 +236,28 @@ def weighted_average(
 ) -> list[np.ndarray]:
     """Average each layer over clients with the given (unnormalised) weights.
 
-    Accumulates in float64 and returns arrays in the clients' dtype.
+    Weights are first divided by the largest one, so their sum cannot
+    overflow whatever their scale; accumulates in float64 and returns arrays
+    in the clients' dtype.
     """
     if not client_arrays or len(client_arrays) != len(weights):
         raise ValueError("need one weight per client and at least one client")
-    total = float(sum(weights))
+    shares = _normalised(weights)
     averaged = []
     for layers in zip(*client_arrays, strict=True):
         acc = np.zeros(layers[0].shape, dtype=np.float64)
-        for layer, weight in zip(layers, weights, strict=True):
-            acc += layer.astype(np.float64) * (weight / total)
+        for layer, share in zip(layers, shares, strict=True):
+            acc += layer.astype(np.float64) * share
         averaged.append(acc.astype(layers[0].dtype))
     return averaged
+
+
+def _normalised(weights: Sequence[float]) -> list[float]:
+    """``weights`` as shares summing to 1, computed without overflow or underflow to zero."""
+    largest = max(weights)
+    scaled = [float(w) / largest for w in weights]
+    total = math.fsum(scaled)
+    return [w / total for w in scaled]
 
 
 def apply_server_lr(
@@ -225,10 +281,10 @@ def weighted_metrics(
     """Example-weighted mean of each metric that every client reported."""
     if not metrics:
         return {}
-    total = float(sum(weights))
+    shares = _normalised(weights)
     common = set(metrics[0]).intersection(*metrics[1:])
     return {
-        key: sum(m[key] * w for m, w in zip(metrics, weights, strict=True)) / total
+        key: math.fsum(m[key] * share for m, share in zip(metrics, shares, strict=True))
         for key in sorted(common)
     }
 

@@ -2,7 +2,7 @@
 
 The strategy only wires things together. The mechanism (clipping, bounded
 weights, the fixed denominator, Gaussian noise, the adaptive clipping update)
-is in :mod:`fedpriv.privacy.dp_fedavg` and the accounting in
+is in :mod:`fedpriv.privacy.mechanisms` and the accounting in
 :mod:`fedpriv.privacy.accounting`, both pure functions tested on their own.
 """
 
@@ -16,6 +16,7 @@ from typing import Any, Protocol
 import numpy as np
 from flwr.serverapp import Grid
 
+from fedpriv.checks import check_bool, check_choice, check_delta, check_int, check_noise_multiplier, check_real
 from fedpriv.logs import get_logger
 from fedpriv.privacy import (
     ACCOUNTANTS,
@@ -39,6 +40,14 @@ logger = get_logger(__name__)
 
 SAMPLING = ("poisson",)
 
+# Bounds inside which the mechanism and the accountant are numerically
+# meaningful; outside them a run would end in an overflow or an infinite model.
+MAX_CLIPPING_NORM = 1e6
+MAX_NOISE_STD = 1e3  # per coordinate: no signal survives, float32 models overflow
+MIN_DENOMINATOR = 0.01  # expected sampled clients per round
+MAX_CLIP_LR = 10.0
+MAX_WEIGHT_CAP = 1e12  # with num-examples >= 1, a bounded weight stays >= 1e-12
+
 
 class ExtraUpdates(Protocol):
     """Source of extra client updates aggregated with the replies (audit canaries).
@@ -52,12 +61,6 @@ class ExtraUpdates(Protocol):
     def __call__(
         self, *, server_round: int, clipping_norm: float, sample_rate: float, like: Sequence[np.ndarray]
     ) -> list[list[np.ndarray]]: ...
-
-
-def _positive(key: str, value: float) -> float:
-    if isinstance(value, bool) or not isinstance(value, int | float) or not (math.isfinite(value) and value > 0):
-        raise ValueError(f"strategy.{key}={value!r}: must be a finite number > 0")
-    return float(value)
 
 
 class DPFedAvg(WeightedFedAvg):
@@ -161,31 +164,29 @@ class DPFedAvg(WeightedFedAvg):
                 f"strategy.sampling={sampling!r}: only 'poisson' is accounted here "
                 "(fixed-size sampling needs replace-one accounting)"
             )
-        if isinstance(num_clients, bool) or not isinstance(num_clients, int) or num_clients < 1:
-            raise ValueError(f"strategy.num_clients={num_clients!r}: must be an integer >= 1")
-        if not (isinstance(sample_rate, int | float) and 0 < sample_rate <= 1):
-            raise ValueError(f"strategy.sample_rate={sample_rate!r}: must be in (0, 1]")
-        if not (isinstance(noise_multiplier, int | float) and math.isfinite(noise_multiplier) and noise_multiplier >= 0):
-            raise ValueError(f"strategy.noise_multiplier={noise_multiplier!r}: must be a finite number >= 0")
-        if not (isinstance(target_delta, float) and 0 < target_delta < 1 / num_clients):
-            raise ValueError(
-                f"strategy.target_delta={target_delta!r}: must be in (0, 1/num_clients = {1 / num_clients:g})"
-            )
-        if accountant not in ACCOUNTANTS:
-            raise ValueError(f"strategy.accountant={accountant!r}: must be one of {list(ACCOUNTANTS)}")
+        check_int("strategy.num_clients", num_clients, minimum=1)
+        check_real("strategy.sample_rate", sample_rate, above=0.0, maximum=1.0)
+        check_noise_multiplier("strategy.noise_multiplier", noise_multiplier)
+        check_delta("strategy.target_delta", target_delta, below=1 / num_clients, below_name="1/num_clients")
+        check_choice("strategy.accountant", accountant, ACCOUNTANTS)
+        check_bool("strategy.weighted", weighted)
         if max_epsilon is not None:
-            _positive("max_epsilon", max_epsilon)
+            check_real("strategy.max_epsilon", max_epsilon, above=0.0)
+        for key, value in (("sampling_seed", sampling_seed), ("noise_seed", noise_seed)):
+            if value is not None:
+                check_int(f"strategy.{key}", value, minimum=0)
         self.num_clients = num_clients
         self.sample_rate = float(sample_rate)
         self.noise_multiplier = float(noise_multiplier)
-        self.clipping_norm = _positive("clipping_norm", clipping_norm)
-        self.weighted = bool(weighted)
-        self.weight_cap = _positive("weight_cap", weight_cap)
+        self.clipping_norm = check_real("strategy.clipping_norm", clipping_norm, above=0.0, maximum=MAX_CLIPPING_NORM)
+        self.weighted = weighted
+        self.weight_cap = check_real("strategy.weight_cap", weight_cap, above=0.0, maximum=MAX_WEIGHT_CAP)
         self.target_delta = target_delta
         self.accountant = accountant
         self.max_epsilon = max_epsilon
         self.extra_updates = extra_updates
         self.denominator = fixed_denominator(sample_rate=self.sample_rate, num_clients=num_clients)
+        self._check_numerics()
         self.history: list[tuple[float, float, int]] = []
         self.epsilon_user = 0.0
         self._sampling_rng = np.random.default_rng(sampling_seed if sampling_seed is not None else secrets.randbits(128))
@@ -200,6 +201,41 @@ class DPFedAvg(WeightedFedAvg):
         self._round_stats: dict[str, float] = {}
         if self.noise_multiplier == 0:
             logger.warning("strategy.noise_multiplier=0: the server adds no noise; this run is NOT private")
+
+    def _check_numerics(self) -> None:
+        """Refuse settings for which the noise or the accountant cannot be computed.
+
+        Raises
+        ------
+        ValueError
+            Naming the key and value: fewer than 0.01 expected clients per
+            round, a noise std above 1e3, or an epsilon the accountant cannot
+            compute.
+        """
+        if self.denominator < MIN_DENOMINATOR:
+            raise ValueError(
+                f"strategy.sample_rate={self.sample_rate:g}: sample_rate * num_clients = {self.denominator:.3g} "
+                f"expected clients per round, must be >= {MIN_DENOMINATOR:g}"
+            )
+        std = noise_std(noise_multiplier=self.noise_multiplier, clipping_norm=self.clipping_norm, denominator=self.denominator)
+        if std > MAX_NOISE_STD:
+            raise ValueError(
+                f"strategy.noise_multiplier={self.noise_multiplier:g}: noise std noise_multiplier * clipping_norm / "
+                f"(sample_rate * num_clients) = {std:.3g} per coordinate, must be <= {MAX_NOISE_STD:g}"
+            )
+        if self.noise_multiplier == 0:
+            return
+        try:
+            epsilon = self._epsilon_after([(self.noise_multiplier, self.sample_rate, 1)])
+        except (ArithmeticError, ValueError) as exc:
+            epsilon, reason = math.nan, f"{type(exc).__name__}: {exc}"
+        else:
+            reason = f"epsilon={epsilon}"
+        if not math.isfinite(epsilon):
+            raise ValueError(
+                f"strategy.noise_multiplier={self.noise_multiplier:g}: the {self.accountant} accountant cannot "
+                f"compute one round's epsilon at sample_rate={self.sample_rate:g} ({reason})"
+            )
 
     @property
     def update_noise_multiplier(self) -> float:
@@ -332,7 +368,7 @@ class DPFedAvg(WeightedFedAvg):
             )
         self.history = history_from_lists(state["history"])
         self.epsilon_user = self._epsilon_after(self.history) if self.history else 0.0
-        self.clipping_norm = _positive("clipping_norm", state["clipping_norm"])
+        self.clipping_norm = check_real("strategy.clipping_norm", state["clipping_norm"], above=0.0)
         for name, rng_state in state.get("rng_states", {}).items():
             if name in self._seeded_rngs:
                 self._seeded_rngs[name].bit_generator.state = rng_state
@@ -382,11 +418,14 @@ class AdaptiveDPFedAvg(DPFedAvg):
         **kwargs,
     ) -> None:
         super().__init__(**kwargs)
-        if not (isinstance(target_quantile, float) and 0 < target_quantile < 1):
+        self.target_quantile = check_real("strategy.target_quantile", target_quantile, above=0.0)
+        if self.target_quantile >= 1:
             raise ValueError(f"strategy.target_quantile={target_quantile!r}: must be in (0, 1)")
-        self.target_quantile = target_quantile
-        self.clip_lr = _positive("clip_lr", clip_lr)
-        self.clipped_count_stddev = clipped_count_stddev
+        # exp(-clip_lr * (b - quantile)) must neither overflow nor vanish in a round.
+        self.clip_lr = check_real("strategy.clip_lr", clip_lr, above=0.0, maximum=MAX_CLIP_LR)
+        self.clipped_count_stddev = check_real(
+            "strategy.clipped_count_stddev", clipped_count_stddev, above=0.0, maximum=MAX_CLIPPING_NORM
+        )
         self._update_noise_multiplier = adaptive_clipping_noise(
             noise_multiplier=self.noise_multiplier, clipped_count_stddev=clipped_count_stddev
         )

@@ -13,6 +13,7 @@ id under which the clients find their own accountant histories.
 
 from __future__ import annotations
 
+import math
 import uuid
 from pathlib import Path
 from typing import Any
@@ -35,6 +36,14 @@ logger = get_logger(__name__)
 app = ServerApp()
 PRIVACY_LOG_FIELDS = ("epsilon_user", "epsilon_record_max", "noise_std", "clipping_norm")
 SEED_KEYS = ("sampling_seed", "noise_seed")
+
+
+class RunDiverged(RuntimeError):
+    """Raised after the results are written when the run stopped because its model diverged.
+
+    The run then fails in every runtime (``scripts/run.py`` exits non-zero),
+    with the last finite model and every round on disk.
+    """
 
 
 def round_line(row: dict[str, Any], *, rounds: list[dict[str, Any]], total_rounds: int) -> str:
@@ -147,6 +156,11 @@ def run_experiment(grid: Grid, experiment: Experiment, *, default_output_dir: Pa
         state_dict = arrays.to_torch_state_dict()
         model.load_state_dict(state_dict)
         loss, accuracy = evaluate(model, splits.test_x, splits.test_y)
+        if server_round and not math.isfinite(loss):
+            strategy.reject_model(server_round, reason=f"the server's test loss is {loss}")
+            # The previous model stays the global one, with its own test metrics.
+            state_dict, loss, accuracy = latest["state_dict"], latest["test_loss"], latest["test_accuracy"]
+            model.load_state_dict(state_dict)
         latest.update(state_dict=state_dict, test_loss=loss, test_accuracy=accuracy)
         if server_round == 0:
             recorder.start_clock()
@@ -187,6 +201,8 @@ def run_experiment(grid: Grid, experiment: Experiment, *, default_output_dir: Pa
         final=final,
         state_dict=latest["state_dict"],
     )
+    if stop is not None and stop.reason == "diverged":
+        raise RunDiverged(f"the model diverged: {stop.detail} (results in {output_dir})")
     audit = experiment.audit.report(
         initial_state=initial_state,
         final_state=latest["state_dict"],

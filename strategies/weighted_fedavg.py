@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 import time
 from collections.abc import Iterable, Mapping
 from typing import Any
@@ -13,6 +12,7 @@ from flwr.common.constant import ErrorCode
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
+from fedpriv.checks import check_fraction, check_int, check_real
 from fedpriv.logs import get_logger
 from fedpriv.protocol import ROUND_KEY
 from fedpriv.publication import CLIENT_LEVEL_PUBLIC_ROUND, split_public
@@ -34,6 +34,9 @@ from strategies.aggregation import (
 
 logger = get_logger(__name__)
 
+MAX_SERVER_LR = 1e3
+MAX_WAIT_SECONDS = 1e7
+
 
 class StopRun(Exception):
     """Raised by a strategy to end the run cleanly before the next round.
@@ -46,16 +49,6 @@ class StopRun(Exception):
         super().__init__(f"{reason}: {detail}")
         self.reason = reason
         self.detail = detail
-
-
-def _check_fraction(key: str, value: float) -> None:
-    if not (isinstance(value, int | float) and 0.0 <= value <= 1.0):
-        raise ValueError(f"strategy.{key}={value}: must be in [0, 1]")
-
-
-def _check_count(key: str, value: int, *, minimum: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(f"strategy.{key}={value!r}: must be an integer >= {minimum}")
 
 
 class WeightedFedAvg(Strategy):
@@ -93,6 +86,12 @@ class WeightedFedAvg(Strategy):
     ``num_sampled = num_clients + num_rejected + num_declined +
     num_unreachable``.
 
+    Divergence. A round whose aggregated model has a non-finite value, or
+    whose model the ServerApp finds non-finite on evaluation
+    (:meth:`reject_model`), is not applied: the next round starts from the
+    previous model and the round's metrics carry ``diverged = 1``. After
+    ``max_diverged_rounds`` such rounds the run stops with ``diverged``.
+
     Resuming. :meth:`resume_state` is what a checkpoint keeps and
     :meth:`restore` puts it back: Flower's round loop then counts from 1
     again, and the strategy shifts every round number by the rounds already
@@ -121,6 +120,9 @@ class WeightedFedAvg(Strategy):
     node_wait_seconds : float
         How long to wait for ``min_available_nodes`` before the first round,
         and for at least one node in a later round, before failing.
+    max_diverged_rounds : int
+        Rounds with a non-finite model that are skipped before the run stops
+        with ``stopped_reason: diverged``.
     """
 
     def __init__(
@@ -135,15 +137,18 @@ class WeightedFedAvg(Strategy):
         server_lr: float = 1.0,
         seed: int = 0,
         node_wait_seconds: float = 300.0,
+        max_diverged_rounds: int = 3,
     ) -> None:
-        _check_fraction("fraction_train", fraction_train)
-        _check_fraction("fraction_evaluate", fraction_evaluate)
-        _check_count("min_train_nodes", min_train_nodes, minimum=0)
-        _check_count("min_available_nodes", min_available_nodes, minimum=0)
-        _check_count("min_evaluate_nodes", min_evaluate_nodes, minimum=0)
-        _check_count("min_valid_replies", min_valid_replies, minimum=1)
-        if not (isinstance(server_lr, int | float) and math.isfinite(server_lr) and server_lr > 0):
-            raise ValueError(f"strategy.server_lr={server_lr}: must be > 0")
+        check_fraction("strategy.fraction_train", fraction_train)
+        check_fraction("strategy.fraction_evaluate", fraction_evaluate)
+        check_int("strategy.min_train_nodes", min_train_nodes, minimum=0)
+        check_int("strategy.min_available_nodes", min_available_nodes, minimum=0)
+        check_int("strategy.min_evaluate_nodes", min_evaluate_nodes, minimum=0)
+        check_int("strategy.min_valid_replies", min_valid_replies, minimum=1)
+        check_int("strategy.max_diverged_rounds", max_diverged_rounds, minimum=1)
+        check_real("strategy.server_lr", server_lr, above=0.0, maximum=MAX_SERVER_LR)
+        check_int("strategy.seed", seed, minimum=0)
+        check_real("strategy.node_wait_seconds", node_wait_seconds, minimum=0.0, maximum=MAX_WAIT_SECONDS)
         if fraction_train == 0.0 and min_train_nodes == 0:
             raise ValueError("strategy.fraction_train=0.0: with min_train_nodes=0 no client would train")
         self.fraction_train = float(fraction_train)
@@ -155,6 +160,10 @@ class WeightedFedAvg(Strategy):
         self.server_lr = float(server_lr)
         self.seed = seed
         self.node_wait_seconds = node_wait_seconds
+        self.max_diverged_rounds = max_diverged_rounds
+        self.num_diverged = 0
+        self._sent: ArrayRecord | None = None  # the global model of the current round
+        self._revert_to: ArrayRecord | None = None  # set when that round's result is rejected
         self.train_metrics: dict[int, dict[str, float]] = {}
         self.stop: StopRun | None = None
         self.declined_nodes: set[int] = set()
@@ -298,6 +307,10 @@ class WeightedFedAvg(Strategy):
         server_round += self.round_offset
         if self.stop is not None:
             raise self.stop
+        if self._revert_to is not None:
+            # The last round's model was rejected: Flower's loop still holds it.
+            arrays, self._revert_to = self._revert_to, None
+        self._sent = arrays
         self._spec = array_spec(arrays)
         self._global = [array.numpy() for array in arrays.values()]
         self._round = server_round
@@ -424,9 +437,13 @@ class WeightedFedAvg(Strategy):
             )
         else:
             target = self.aggregate_updates(server_round, valid)
-            arrays = self._to_record(apply_server_lr(self._global, target, server_lr=self.server_lr))
+            updated = apply_server_lr(self._global, target, server_lr=self.server_lr)
+            if all(np.all(np.isfinite(layer)) for layer in updated):
+                arrays = self._to_record(updated)
         metrics.update(self.round_metrics(server_round))
         self.train_metrics[server_round] = metrics
+        if arrays is None and self.releases_update(valid):
+            self.reject_model(server_round, reason="the aggregated model has non-finite values")
         # Flower logs what this returns: under client-level DP only DP outputs.
         published, _ = split_public(
             metrics, public=CLIENT_LEVEL_PUBLIC_ROUND if self.client_level_private else None
@@ -436,6 +453,30 @@ class WeightedFedAvg(Strategy):
     def round_metrics(self, server_round: int) -> dict[str, float]:
         """Extra per-round metrics of subclasses (privacy spent, noise, ...)."""
         return {}
+
+    def reject_model(self, server_round: int, *, reason: str) -> None:
+        """Do not apply round ``server_round``'s model: the next round starts from the previous one.
+
+        Counts the round as diverged (``diverged = 1`` in its metrics); after
+        ``max_diverged_rounds`` of them the run is stopped with ``diverged``.
+        ``server_round`` is the run's round number (after any resume).
+        """
+        self._revert_to = self._sent
+        self.num_diverged += 1
+        self.train_metrics.setdefault(server_round, {})["diverged"] = 1
+        logger.warning(
+            "round %d: %s; keeping the previous model (%d of at most %d such rounds)",
+            server_round,
+            reason,
+            self.num_diverged,
+            self.max_diverged_rounds,
+        )
+        if self.num_diverged >= self.max_diverged_rounds:
+            self.stop = StopRun(
+                "diverged",
+                f"{self.num_diverged} rounds gave a non-finite model (strategy.max_diverged_rounds="
+                f"{self.max_diverged_rounds}); the last finite model is saved",
+            )
 
     def privacy_summary(self) -> dict[str, float | None]:
         """Privacy spent by the whole run; ``None`` where that kind of privacy is off."""

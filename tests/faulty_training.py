@@ -29,3 +29,19 @@ class NaNTraining(PlainTraining):
             with torch.no_grad():
                 next(model.parameters()).fill_(float("nan"))
         return outcome
+
+
+@dataclass(frozen=True)
+class ExplodingTraining(PlainTraining):
+    """Every client replies with finite weights so large that the model's loss is not finite.
+
+    Each reply passes validation (finite float32 values), so only the server's
+    evaluation can tell that the model diverged.
+    """
+
+    def fit(self, model, x, y, *, seed, state=None, planned_rounds=1) -> TrainOutcome:
+        """Reply with every weight at 1e30."""
+        with torch.no_grad():
+            for param in model.parameters():
+                param.fill_(1e30)
+        return TrainOutcome(loss=1.0, num_examples=len(y))

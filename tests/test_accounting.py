@@ -389,7 +389,7 @@ def test_adaptive_clipping_noise_names_the_minimum_count_stddev():
         ),
         (
             lambda: record_steps([], noise_multiplier=1.0, sample_rate=0.1, steps=0),
-            r"steps=0: must be >= 1",
+            r"steps=0: must be an integer >= 1",
         ),
         (
             lambda: solve_noise_multiplier(

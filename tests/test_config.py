@@ -138,7 +138,7 @@ def run_script(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
     ("args", "expected"),
     [
         (["strategy=nope"], "Could not find 'strategy/nope' (available: dp_adaptive, dp_fixed, fedavg)"),
-        (["num_clients=0"], "num_clients=0: must be >= 1"),
+        (["num_clients=0"], "num_clients=0: must be an integer in [1, 10000000]"),
         (["partition=dirichlet", "partition.alpha=-1"], "partition.alpha=-1"),
         (["bogus=1"], "Could not override 'bogus'"),
         (["client.lr=0.1,0.2"], "a sweep needs --multirun"),
@@ -183,3 +183,15 @@ def test_seeded_noise_is_recorded_as_voiding_the_guarantee():
     assert [s["guarantee_void"] for s in sections] == [False, True, True]
     assert sections[0] == {"client_level": False, "record_level": True, "seeded_noise": False, "guarantee_void": False}
     assert sections[2]["client_level"] is True
+
+
+def test_a_simulation_cannot_wait_for_more_nodes_than_it_has_clients():
+    # Prepare
+    from fedpriv.experiment import check_runnable
+    from fedpriv.simulation import SimulationMode
+
+    experiment = load_experiment(compose_config(["num_clients=3", "strategy.min_available_nodes=5"]))
+
+    # Execute / Assert
+    with pytest.raises(ConfigError, match=r"^strategy.min_available_nodes=5: a simulation has only num_clients=3"):
+        check_runnable(experiment, mode=SimulationMode())

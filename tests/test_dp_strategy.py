@@ -222,7 +222,7 @@ def test_adaptive_noise_budget_is_split_between_count_and_update():
     ("overrides", "message"),
     [
         ({"sampling": "fixed"}, "strategy.sampling='fixed'"),
-        ({"target_delta": 0.2}, r"strategy.target_delta=0.2: must be in \(0, 1/num_clients"),
+        ({"target_delta": 0.2}, r"strategy.target_delta=0.2: must be in \[1e-12, 1/num_clients"),
         ({"sample_rate": 0.0}, "strategy.sample_rate=0.0"),
         ({"noise_multiplier": -1.0}, "strategy.noise_multiplier=-1.0"),
         ({"clipping_norm": 0.0}, "strategy.clipping_norm=0.0"),

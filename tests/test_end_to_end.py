@@ -10,7 +10,6 @@ import sys
 from pathlib import Path
 
 import matplotlib.image
-import pytest
 import torch
 
 from conftest import operator_records
@@ -206,3 +205,47 @@ def test_both_dp_layers_report_and_client_budgets_stop_the_run(tmp_path):
     assert exact[2]["epsilon_record_max"] == exact[1]["epsilon_record_max"] <= budget
     assert records[-1]["final"]["epsilon_record_max"] == exact[1]["epsilon_record_max"]
     assert records[-1]["final"]["delta_record"] == 1e-5
+
+
+def test_a_diverging_run_stops_with_its_last_finite_model_and_a_non_zero_exit(tmp_path):
+    # Prepare: every client replies with weights whose loss is not finite
+    out = tmp_path / "run"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), str(REPO / "tests")])}
+    overrides = ["num_clients=2", "num_rounds=5", "client._target_=faulty_training.ExplodingTraining"]
+
+    # Execute
+    result = subprocess.run(
+        [sys.executable, str(REPO / "scripts" / "run.py"), f"output_dir={out}", *overrides],
+        capture_output=True, text=True, timeout=300, cwd=tmp_path, env=env,
+    )
+
+    # Assert
+    assert result.returncode == 3, result.stdout[-2000:] + result.stderr[-2000:]
+    document = json.loads((out / "results.json").read_text())
+    assert document["final"]["stopped_reason"] == "diverged"
+    assert document["final"]["rounds_completed"] == 3
+    assert [row["diverged"] for row in document["rounds"]] == [1, 1, 1]
+    initial = document["rounds"][0]["test_loss"]
+    assert all(row["test_loss"] == initial for row in document["rounds"])  # the model never changed
+    model = torch.load(out / "model.pt")
+    assert all(torch.isfinite(value).all() for value in model.values())
+
+
+def test_a_config_that_cannot_run_is_refused_before_anything_starts(tmp_path):
+    # Prepare: an output folder below a file
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+
+    # Execute
+    result = subprocess.run(
+        [sys.executable, str(REPO / "scripts" / "run.py"), f"output_dir={blocker}/run"],
+        capture_output=True, text=True, timeout=120, cwd=tmp_path, env=env,
+    )
+
+    # Assert
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [
+        f"config error: output_dir='{blocker}/run': {blocker} is a file, not a folder"
+    ]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a-file"]

@@ -220,7 +220,7 @@ def test_default_target_delta_is_below_one_over_the_noisy_size_and_logged_once(c
         ({"max_epsilon": -1.0}, "client.max_epsilon=-1.0"),
         ({"batch_size": 0}, "client.batch_size=0"),
         ({"optimizer": "rmsprop"}, "client.optimizer='rmsprop'"),
-        ({"count_noise_multiplier": 0.5}, "client.count_noise_multiplier=0.5: must be >= 1"),
+        ({"count_noise_multiplier": 0.5}, "client.count_noise_multiplier=0.5: must be in [1, 1e+06]"),
     ],
 )
 def test_invalid_settings_raise_one_line_naming_the_key(settings, needle):

@@ -27,24 +27,19 @@ Two kinds, matching the two privacy levels (docs/design.md, section 4):
 from __future__ import annotations
 
 from collections.abc import Sequence
-from numbers import Integral
 
 import numpy as np
 import torch
+
+from fedpriv.checks import check_int
 
 # Domain tags keep the random streams of coins, directions, sampling and
 # records independent although they share the audit seed.
 _COINS, _DIRECTIONS, _SAMPLING, _RECORDS = 0, 1, 2, 3
 
 
-def _check_count(key: str, value: object, *, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, Integral) or value < minimum:
-        raise ValueError(f"{key}={value!r}: must be an integer >= {minimum}")
-    return int(value)
-
-
 def _rng(seed: int, *tags: int) -> np.random.Generator:
-    return np.random.default_rng(np.random.SeedSequence([_check_count("audit.seed", seed, minimum=0), *tags]))
+    return np.random.default_rng(np.random.SeedSequence([check_int("audit.seed", seed, minimum=0), *tags]))
 
 
 def canary_coins(*, seed: int, num_canaries: int) -> np.ndarray:
@@ -62,7 +57,7 @@ def canary_coins(*, seed: int, num_canaries: int) -> np.ndarray:
     numpy.ndarray
         Boolean array of length ``m``; ``True`` means included.
     """
-    count = _check_count("audit.num_canaries", num_canaries, minimum=1)
+    count = check_int("audit.num_canaries", num_canaries, minimum=1)
     return _rng(seed, _COINS).random(count) < 0.5
 
 
@@ -87,8 +82,8 @@ def canary_direction(*, seed: int, index: int, dimension: int) -> np.ndarray:
     numpy.ndarray
         float64 vector of length ``dimension`` and L2 norm 1.
     """
-    size = _check_count("dimension", dimension, minimum=1)
-    vector = _rng(seed, _DIRECTIONS, _check_count("index", index, minimum=0)).standard_normal(size)
+    size = check_int("dimension", dimension, minimum=1)
+    vector = _rng(seed, _DIRECTIONS, check_int("index", index, minimum=0)).standard_normal(size)
     return vector / np.linalg.norm(vector)
 
 
@@ -138,7 +133,7 @@ def sampled_canaries(*, seed: int, coins: np.ndarray, sample_rate: float, server
     """
     if not 0 < sample_rate <= 1:
         raise ValueError(f"sample_rate={sample_rate!r}: must be in (0, 1]")
-    joins = _rng(seed, _SAMPLING, _check_count("server_round", server_round, minimum=0)).random(len(coins))
+    joins = _rng(seed, _SAMPLING, check_int("server_round", server_round, minimum=0)).random(len(coins))
     return [int(i) for i in np.flatnonzero(np.asarray(coins, dtype=bool) & (joins < sample_rate))]
 
 
@@ -166,7 +161,7 @@ def alignment_scores(
     return np.array(
         [
             float(change @ canary_direction(seed=seed, index=i, dimension=change.size))
-            for i in range(_check_count("audit.num_canaries", num_canaries, minimum=1))
+            for i in range(check_int("audit.num_canaries", num_canaries, minimum=1))
         ]
     )
 
@@ -237,8 +232,8 @@ def canary_records(
     y : torch.Tensor
         int64, shape ``[m]``.
     """
-    count = _check_count("audit.num_canaries", num_canaries, minimum=1)
-    classes = _check_count("num_classes", num_classes, minimum=2)
+    count = check_int("audit.num_canaries", num_canaries, minimum=1)
+    classes = check_int("num_classes", num_classes, minimum=2)
     rng = _rng(seed, _RECORDS)
     x = rng.standard_normal((count, *input_shape)).astype(np.float32)
     y = rng.integers(0, classes, size=count)
@@ -247,5 +242,5 @@ def canary_records(
 
 def client_canary_indices(*, coins: np.ndarray, partition_id: int, num_partitions: int) -> np.ndarray:
     """Indices of the included record canaries held by one client (``i mod N == partition_id``)."""
-    owners = np.arange(len(coins)) % _check_count("num_partitions", num_partitions, minimum=1)
+    owners = np.arange(len(coins)) % check_int("num_partitions", num_partitions, minimum=1)
     return np.flatnonzero(np.asarray(coins, dtype=bool) & (owners == partition_id))

@@ -22,21 +22,18 @@ The functions are pure and take plain numbers.
 from __future__ import annotations
 
 import math
-from numbers import Integral, Real
+from numbers import Real
 
 from scipy.stats import beta as beta_distribution
 
-
-def _check_count(key: str, value: object, *, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, Integral) or value < minimum:
-        raise ValueError(f"{key}={value!r}: must be an integer >= {minimum}")
-    return int(value)
+from fedpriv.checks import check_int, check_real, fail
 
 
 def _check_confidence(value: object) -> float:
-    if isinstance(value, bool) or not isinstance(value, Real) or not 0 < value < 1:
-        raise ValueError(f"confidence={value!r}: must be in (0, 1)")
-    return float(value)
+    confidence = check_real("confidence", value, above=0.0)
+    if confidence >= 1:
+        raise fail("confidence", value, "must be in (0, 1)")
+    return confidence
 
 
 def guess_probability(epsilon: float) -> float:
@@ -90,8 +87,8 @@ def epsilon_lower_bound(*, num_guesses: int, num_correct: int, confidence: float
         If a count is negative, ``num_correct > num_guesses`` or
         ``confidence`` is not in ``(0, 1)``.
     """
-    guesses = _check_count("num_guesses", num_guesses, minimum=0)
-    correct = _check_count("num_correct", num_correct, minimum=0)
+    guesses = check_int("num_guesses", num_guesses, minimum=0)
+    correct = check_int("num_correct", num_correct, minimum=0)
     level = _check_confidence(confidence)
     if correct > guesses:
         raise ValueError(f"num_correct={correct}: must be <= num_guesses={guesses}")

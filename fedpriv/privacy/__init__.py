@@ -11,7 +11,7 @@ from .accounting import (
     record_steps,
     solve_noise_multiplier,
 )
-from .dp_fedavg import (
+from .mechanisms import (
     ClipStats,
     add_gaussian_noise,
     aggregate_clipped,

@@ -15,10 +15,10 @@ import functools
 import math
 import warnings
 from collections.abc import Mapping, Sequence
-from numbers import Integral, Real
 
 import numpy as np
 
+from fedpriv.checks import check_int, check_real, fail
 from fedpriv.opacus_logging import opacus_logging_contained
 
 with opacus_logging_contained():
@@ -37,54 +37,46 @@ _LIST_KEYS = ("noise_multipliers", "sample_rates", "steps")
 _MAX_NOISE_MULTIPLIER = 1e6
 # Relative width of the final bracket of the noise-multiplier search.
 _SOLVE_RTOL = 1e-3
+PRV_MAX_EPSILON = 200.0
+"""Above this RDP bound, ``compute_epsilon`` reports the RDP bound instead of PRV.
 
-
-def _fail(key: str, value: object, rule: str) -> ValueError:
-    # NumPy 2 scalars repr as ``np.float64(...)``; show the plain number.
-    shown = value.item() if isinstance(value, np.generic) else value
-    return ValueError(f"{key}={shown!r}: {rule}")
+The PRV accountant sizes its grid by the RDP bound: an epsilon in the
+thousands (a noise multiplier of 0.001, say) would need gigabytes. Such an
+epsilon protects nothing, and the RDP value is still a valid upper bound."""
 
 
 def _check_real(key: str, value: object) -> float:
-    if isinstance(value, bool) or not isinstance(value, Real):
-        raise _fail(key, value, "must be a real number")
-    if not math.isfinite(value):
-        raise _fail(key, value, "must be finite")
-    return float(value)
+    return check_real(key, value)
 
 
 def _check_count(key: str, value: object, *, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, Integral):
-        raise _fail(key, value, "must be an integer")
-    if value < minimum:
-        raise _fail(key, value, f"must be >= {minimum}")
-    return int(value)
+    return check_int(key, value, minimum=minimum)
 
 
 def _check_noise_multiplier(key: str, value: object) -> float:
     noise_multiplier = _check_real(key, value)
     if noise_multiplier < 0:
-        raise _fail(key, value, "must be >= 0")
+        raise fail(key, value, "must be >= 0")
     return noise_multiplier
 
 
 def _check_sample_rate(key: str, value: object) -> float:
     sample_rate = _check_real(key, value)
     if not 0 <= sample_rate <= 1:
-        raise _fail(key, value, "must be in [0, 1]")
+        raise fail(key, value, "must be in [0, 1]")
     return sample_rate
 
 
 def _check_delta(delta: object) -> float:
     value = _check_real("delta", delta)
     if not 0 < value < 1:
-        raise _fail("delta", delta, "must be in (0, 1)")
+        raise fail("delta", delta, "must be in (0, 1)")
     return value
 
 
 def _check_accountant(name: object) -> str:
     if name not in ACCOUNTANTS:
-        raise _fail("accountant", name, f"must be one of {ACCOUNTANTS}")
+        raise fail("accountant", name, f"must be one of {ACCOUNTANTS}")
     return str(name)
 
 
@@ -92,7 +84,7 @@ def _check_history(history: Sequence[HistoryEntry]) -> list[HistoryEntry]:
     checked = []
     for index, entry in enumerate(history):
         if len(entry) != 3:
-            raise _fail(
+            raise fail(
                 f"history[{index}]",
                 entry,
                 "must be a (noise_multiplier, sample_rate, steps) triple",
@@ -245,7 +237,8 @@ def compute_epsilon(
         Target delta, in ``(0, 1)``.
     accountant : {"prv", "rdp"}, default "prv"
         ``"prv"`` is tight (an upper bound with an additive slack of about
-        0.01); ``"rdp"`` is a looser upper bound.
+        0.01); ``"rdp"`` is a looser upper bound. ``"prv"`` falls back to the
+        RDP bound when that exceeds :data:`PRV_MAX_EPSILON`.
 
     Returns
     -------
@@ -267,6 +260,9 @@ def compute_epsilon(
         return math.inf
     if accountant == "rdp":
         return _rdp_epsilon(counted, delta=delta)
+    bound = _rdp_epsilon(counted, delta=delta)
+    if bound > PRV_MAX_EPSILON:
+        return bound
     prv = _CachedPRVAccountant()
     prv.history = counted
     # Opacus' PRV takes log(1 - q), which is -inf when q == 1; that limit is
@@ -319,10 +315,10 @@ def solve_noise_multiplier(
     """
     target_epsilon = _check_real("target_epsilon", target_epsilon)
     if target_epsilon <= 0:
-        raise _fail("target_epsilon", target_epsilon, "must be > 0")
+        raise fail("target_epsilon", target_epsilon, "must be > 0")
     sample_rate = _check_sample_rate("sample_rate", sample_rate)
     if sample_rate == 0:
-        raise _fail("sample_rate", sample_rate, "must be > 0")
+        raise fail("sample_rate", sample_rate, "must be > 0")
     steps = _check_count("steps", steps, minimum=1)
     past = _check_history(history)
 
@@ -340,7 +336,7 @@ def solve_noise_multiplier(
 
     spent = compute_epsilon(past, delta=delta, accountant=accountant)
     if spent >= target_epsilon:
-        raise _fail(
+        raise fail(
             "target_epsilon",
             target_epsilon,
             f"unreachable, history already spends epsilon={spent:.6g}",
@@ -356,7 +352,7 @@ def solve_noise_multiplier(
         low, high = high, 2 * high
         while epsilon(high) > target_epsilon:
             if high >= _MAX_NOISE_MULTIPLIER:
-                raise _fail(
+                raise fail(
                     "target_epsilon",
                     target_epsilon,
                     f"unreachable with noise_multiplier <= {high:g}",
@@ -420,7 +416,7 @@ def history_from_lists(lists: Mapping[str, Sequence]) -> list[HistoryEntry]:
             raise ValueError(f"{key}: missing from the stored history")
     lengths = {key: len(lists[key]) for key in _LIST_KEYS}
     if len(set(lengths.values())) != 1:
-        raise _fail("lengths", lengths, "must all be equal")
+        raise fail("lengths", lengths, "must all be equal")
     return _check_history(list(zip(*(lists[key] for key in _LIST_KEYS))))
 
 
@@ -460,7 +456,7 @@ def adaptive_clipping_noise(
     :math:`\sigma_b > z/2`. The round is accounted as one Poisson-sampled
     Gaussian event with the total ``noise_multiplier`` :math:`z`, and the
     count must be released in centred form, as
-    :func:`fedpriv.privacy.dp_fedavg.noisy_unclipped_fraction` does.
+    :func:`fedpriv.privacy.mechanisms.noisy_unclipped_fraction` does.
 
     Parameters
     ----------
@@ -475,7 +471,7 @@ def adaptive_clipping_noise(
     -------
     float
         :math:`z_\Delta`, the noise multiplier to apply to the clipped-update
-        sum (the one to pass to :func:`fedpriv.privacy.dp_fedavg.noise_std`);
+        sum (the one to pass to :func:`fedpriv.privacy.mechanisms.noise_std`);
         ``0.0`` when ``noise_multiplier`` is 0 (no privacy).
 
     Raises
@@ -490,7 +486,7 @@ def adaptive_clipping_noise(
         return 0.0
     minimum = total / 2
     if count_stddev <= minimum:
-        raise _fail(
+        raise fail(
             "strategy.clipped_count_stddev",
             clipped_count_stddev,
             f"must be > strategy.noise_multiplier / 2 = {minimum:g}",

@@ -1,4 +1,4 @@
-"""Tests for fedpriv.privacy.dp_fedavg: sensitivity, clipping, noise, adaptive clip."""
+"""Tests for fedpriv.privacy.mechanisms: sensitivity, clipping, noise, adaptive clip."""
 
 import copy
 import math
@@ -10,7 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
-from fedpriv.privacy.dp_fedavg import (
+from fedpriv.privacy.mechanisms import (
     ClipStats,
     add_gaussian_noise,
     aggregate_clipped,
@@ -232,7 +232,7 @@ def test_aggregate_of_no_updates_is_zeros_like_the_template():
         ),
         (
             lambda: fixed_denominator(sample_rate=0.5, num_clients=0),
-            r"num_clients=0: must be >= 1",
+            r"num_clients=0: must be an integer >= 1",
         ),
         (
             lambda: noise_std(

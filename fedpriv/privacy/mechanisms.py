@@ -25,28 +25,19 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .accounting import _check_count, _check_real, _fail
+from fedpriv.checks import check_int, check_real, fail
 
 
 def _positive(key: str, value: object) -> float:
-    checked = _check_real(key, value)
-    if checked <= 0:
-        raise _fail(key, value, "must be > 0")
-    return checked
+    return check_real(key, value, above=0.0)
 
 
 def _non_negative(key: str, value: object) -> float:
-    checked = _check_real(key, value)
-    if checked < 0:
-        raise _fail(key, value, "must be >= 0")
-    return checked
+    return check_real(key, value, minimum=0.0)
 
 
 def _unit_interval(key: str, value: object) -> float:
-    checked = _check_real(key, value)
-    if not 0 < checked <= 1:
-        raise _fail(key, value, "must be in (0, 1]")
-    return checked
+    return check_real(key, value, above=0.0, maximum=1.0)
 
 
 @dataclass(frozen=True)
@@ -125,7 +116,7 @@ def clip_to_norm(
     clipping_norm = _positive("strategy.clipping_norm", clipping_norm)
     norm = l2_norm(arrays)
     if not math.isfinite(norm):
-        raise _fail("update norm", norm, "must be finite; the update holds inf or nan")
+        raise fail("update norm", norm, "must be finite; the update holds inf or nan")
     scale = min(1.0, clipping_norm / norm) if norm > 0 else 1.0
     return [np.asarray(array) * scale for array in arrays], norm
 
@@ -178,7 +169,7 @@ def fixed_denominator(*, sample_rate: float, num_clients: int) -> float:
         ``q * N``.
     """
     sample_rate = _unit_interval("strategy.sample_rate", sample_rate)
-    return sample_rate * _check_count("num_clients", num_clients, minimum=1)
+    return sample_rate * check_int("num_clients", num_clients, minimum=1)
 
 
 def noise_std(
@@ -244,7 +235,7 @@ def aggregate_clipped(
     clipping_norm = _positive("strategy.clipping_norm", clipping_norm)
     denominator = _positive("denominator", denominator)
     if len(weights) != len(updates):
-        raise _fail(
+        raise fail(
             "len(weights)", len(weights), f"must equal len(updates)={len(updates)}"
         )
     checked_weights = [
@@ -253,14 +244,14 @@ def aggregate_clipped(
     ]
     template = like if like is not None else (updates[0] if updates else None)
     if template is None:
-        raise _fail("like", None, "required when updates is empty")
+        raise fail("like", None, "required when updates is empty")
     shapes = [np.shape(array) for array in template]
     totals = [np.zeros(shape, dtype=np.float64) for shape in shapes]
     norms = []
     for index, (update, weight) in enumerate(zip(updates, checked_weights)):
         update_shapes = [np.shape(array) for array in update]
         if update_shapes != shapes:
-            raise _fail(
+            raise fail(
                 f"updates[{index}] shapes", update_shapes, f"must equal {shapes}"
             )
         clipped, norm = clip_to_norm(update, clipping_norm=clipping_norm)
@@ -386,9 +377,9 @@ def next_clipping_norm(
         The clipping norm for the next round.
     """
     clipping_norm = _positive("strategy.clipping_norm", clipping_norm)
-    unclipped_fraction = _check_real("unclipped_fraction", unclipped_fraction)
-    target_quantile = _check_real("strategy.target_quantile", target_quantile)
+    unclipped_fraction = check_real("unclipped_fraction", unclipped_fraction)
+    target_quantile = check_real("strategy.target_quantile", target_quantile)
     if not 0 < target_quantile < 1:
-        raise _fail("strategy.target_quantile", target_quantile, "must be in (0, 1)")
+        raise fail("strategy.target_quantile", target_quantile, "must be in (0, 1)")
     clip_lr = _positive("strategy.clip_lr", clip_lr)
     return clipping_norm * math.exp(-clip_lr * (unclipped_fraction - target_quantile))
