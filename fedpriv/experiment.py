@@ -54,6 +54,9 @@ class RunSettings:
         DP-FedAvg unless its own seeds are set) from ``seed``. For tests that
         need identical private runs only: it voids every privacy guarantee,
         since ``seed`` is published with the config, and ``results.json`` says so.
+    verbose : bool
+        Show Flower's own log lines on the console too (``fedpriv.log`` in the
+        run folder always has them).
     """
 
     num_clients: int
@@ -63,6 +66,7 @@ class RunSettings:
     round_timeout: float = 600.0
     resume: str = ""
     seeded_noise: bool = False
+    verbose: bool = False
 
     def __post_init__(self) -> None:
         """Validate the settings."""
@@ -71,6 +75,7 @@ class RunSettings:
             check_int("num_rounds", self.num_rounds, minimum=1, maximum=MAX_ROUNDS)
             check_int("seed", self.seed, minimum=0, maximum=2**63 - 1)
             check_bool("seeded_noise", self.seeded_noise)
+            check_bool("verbose", self.verbose)
             check_real("round_timeout", self.round_timeout, minimum=1.0, maximum=1e7)
             check_text("output_dir", self.output_dir)
             check_text("resume", self.resume)

@@ -32,6 +32,7 @@ if str(REPO) not in sys.path:
 
 from fedpriv.checkpoint import check_resumable, load_checkpoint  # noqa: E402
 from fedpriv.experiment import check_runnable, client_examples, load_experiment  # noqa: E402
+from fedpriv.logs import LOG_FILE, log_to_file, quiet_console  # noqa: E402
 from fedpriv.run_config import ConfigError, build_component, flatten  # noqa: E402
 
 CONFIG_ERROR = 2
@@ -204,6 +205,8 @@ def main(cfg: DictConfig) -> None:
         experiment.settings.num_clients,
         output_dir,
     )
+    quiet_console(verbose=experiment.settings.verbose)
+    log_file = log_to_file(output_dir / LOG_FILE)
     try:
         mode.run(run_config=run_config, num_supernodes=experiment.settings.num_clients)
     except Exception as exc:
@@ -211,6 +214,9 @@ def main(cfg: DictConfig) -> None:
         reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         _fail(f"run failed: {reason}", output_dir=output_dir, code=RUN_FAILED, multirun=multirun)
         return
+    finally:
+        logging.getLogger("flwr").removeHandler(log_file)
+        log_file.close()
     if not getattr(mode, "results_local", True):
         logger.info("finished: results are on the SuperLink host under %s", output_dir)
         return
@@ -219,7 +225,19 @@ def main(cfg: DictConfig) -> None:
         _fail(f"the run wrote no results.json in {output_dir}", output_dir=output_dir, code=RUN_FAILED, multirun=multirun)
         return
     final = json.loads(results_path.read_text())["final"] or {}
-    logger.info("finished: %s", json.dumps(final))
+    logger.info("finished: %s", final_summary(final))
+
+
+def final_summary(final: dict) -> str:
+    """One line: rounds, why the run stopped, accuracy and the privacy spent."""
+    parts = [
+        f"{final.get('rounds_completed')} rounds ({final.get('stopped_reason')})",
+        f"test accuracy {final['test_accuracy']:.4f}" if final.get("test_accuracy") is not None else "",
+    ]
+    for epsilon, delta in (("epsilon_user", "delta_user"), ("epsilon_record_max", "delta_record")):
+        if final.get(epsilon) is not None:
+            parts.append(f"{epsilon} {final[epsilon]:.3g} (delta {final[delta]:.3g})")
+    return ", ".join(part for part in parts if part)
 
 
 def _exit_code_of(code: object) -> object:

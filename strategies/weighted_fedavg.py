@@ -317,7 +317,7 @@ class WeightedFedAvg(Strategy):
         node_ids = self.sample_train_nodes(server_round, grid)
         self._round_nodes[server_round] = {**self._node_counts, "num_sampled": len(node_ids)}
         self._round_sampled[server_round] = list(node_ids)
-        logger.info("round %d: training on %d nodes", server_round, len(node_ids))
+        logger.debug("round %d: training on %d nodes", server_round, len(node_ids))
         return self._messages(
             arrays=arrays, config=config, server_round=server_round, node_ids=node_ids, kind=MessageType.TRAIN
         )
