@@ -49,7 +49,7 @@ def _decline_reply(msg: Message, *, reason: str, privacy: dict[str, float]) -> M
     return Message(content=RecordDict(content), reply_to=msg)
 
 
-def _training_seed(*, experiment, server_round: int, partition_id: int) -> int | None:
+def training_seed(*, experiment, server_round: int, partition_id: int) -> int | None:
     """The seed of this round's local training; ``None`` (OS entropy) for private training.
 
     Private training draws its noise and Poisson batches from the operating
@@ -93,7 +93,7 @@ def train(msg: Message, context: Context) -> Message:
         num_classes=experiment.dataset.num_classes,
     )
     server_round = int(msg.content["config"][ROUND_KEY])
-    seed = _training_seed(experiment=experiment, server_round=server_round, partition_id=partition_id)
+    seed = training_seed(experiment=experiment, server_round=server_round, partition_id=partition_id)
     state_path = node_state_path(
         node_config=context.node_config,
         run_config=context.run_config,

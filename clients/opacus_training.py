@@ -135,6 +135,13 @@ def _accounting():
     return accounting
 
 
+def _new_ledger(accountant: str):
+    """An empty :class:`fedpriv.privacy.ledger.PrivacyLedger` (its module imports Opacus)."""
+    with opacus_logging_contained():
+        from fedpriv.privacy.ledger import PrivacyLedger
+    return PrivacyLedger(accountant=accountant)
+
+
 def _check_model(model: nn.Module) -> None:
     """Raise ``ValueError`` naming the layers Opacus cannot train privately."""
     with opacus_logging_contained():
@@ -435,7 +442,6 @@ class OpacusTraining:
             If the model has layers Opacus cannot train, ``target_delta`` is
             not below ``1 / n~`` or ``target_epsilon`` is unreachable.
         """
-        accounting = _accounting()
         n = len(y)
         if n == 0:
             raise ValueError("client with n=0 examples: nothing to train on")
@@ -449,26 +455,25 @@ class OpacusTraining:
         _check_model(model)
         batch_generator, noise_generator, count_rng = _generators(seed)
 
+        ledger = _new_ledger(self.accountant)
         record = state.config_records.get(STATE_KEY)
         if record is None:
             count = noisy_count(n, noise_multiplier=self.count_noise_multiplier, rng=count_rng)
-            history = accounting.record_steps(
-                [], noise_multiplier=self.count_noise_multiplier, sample_rate=COUNT_SAMPLE_RATE
-            )
+            ledger.record(noise_multiplier=self.count_noise_multiplier, sample_rate=COUNT_SAMPLE_RATE)
             # Accounted the moment it exists: every later decision (delta,
             # sampling, declining, even an error) depends on it.
-            record = _ledger_record(history, count=count)
+            record = _ledger_record(ledger, count=count)
             state[STATE_KEY] = record
             logger.info("client released its size n~=%.0f", count)
         else:
             count = float(record["noisy_count"])
-            history = accounting.history_from_lists(record)
+            ledger.load_state_dict(record)
         delta = self.target_delta_for(count)
         sample_rate, steps_per_epoch = self.sampling_for(count)
         round_steps = self.local_epochs * steps_per_epoch
         noise_multiplier = self._noise_multiplier(
             record,
-            history=history,
+            history=ledger.history,
             delta=delta,
             sample_rate=sample_rate,
             steps=planned_rounds * round_steps,
@@ -476,19 +481,17 @@ class OpacusTraining:
         )
         if "noise_multiplier" not in record:
             logger.info("client: target_delta=%.3g, noise_multiplier=%.4g", delta, noise_multiplier)
-            state[STATE_KEY] = _ledger_record(history, count=count, noise_multiplier=noise_multiplier)
-        projected = accounting.record_steps(
-            history, noise_multiplier=noise_multiplier, sample_rate=sample_rate, steps=round_steps
-        )
-        epsilon = accounting.compute_epsilon(projected, delta=delta, accountant=self.accountant)
-        if self.max_epsilon is not None and epsilon > self.max_epsilon:
-            spent = accounting.compute_epsilon(history, delta=delta, accountant=self.accountant)
+            state[STATE_KEY] = _ledger_record(ledger, count=count, noise_multiplier=noise_multiplier)
+        release = {"noise_multiplier": noise_multiplier, "sample_rate": sample_rate, "steps": round_steps}
+        over = ledger.epsilon_if_over(max_epsilon=self.max_epsilon, delta=delta, **release)
+        if over is not None:
             raise PrivacyBudgetExhausted(
-                epsilon=spent,
-                projected_epsilon=epsilon,
+                epsilon=ledger.epsilon(delta),
+                projected_epsilon=over,
                 delta=delta,
                 max_epsilon=self.max_epsilon,
             )
+        projected = ledger.after(**release)
 
         trained = self._train(
             model,
@@ -497,15 +500,16 @@ class OpacusTraining:
             loader=poisson_loader(x, y, batches=steps_per_epoch, generator=batch_generator),
             expected_batch_size=count / steps_per_epoch,
             noise_generator=noise_generator,
-            history=history,
+            history=ledger.history,
             noise_multiplier=noise_multiplier,
         )
-        if trained != projected:
+        if trained != projected.history:
             raise RuntimeError(
-                f"Opacus recorded {trained} but {projected} was accounted for; "
+                f"Opacus recorded {trained} but {projected.history} was accounted for; "
                 "the round's update is withheld"
             )
-        state[STATE_KEY] = _ledger_record(trained, count=count, noise_multiplier=noise_multiplier)
+        epsilon = projected.epsilon(delta)
+        state[STATE_KEY] = _ledger_record(projected, count=count, noise_multiplier=noise_multiplier)
         # Without noise epsilon is infinite: there is no claim to report, and
         # the server refuses non-finite metrics.
         claim = {"epsilon": float(epsilon), "delta": float(delta)} if math.isfinite(epsilon) else {}
@@ -514,7 +518,7 @@ class OpacusTraining:
             "noise_multiplier": float(noise_multiplier),
             "sample_rate": float(sample_rate),
             # Every DP-SGD step, without the one count release.
-            "steps": sum(steps for _, _, steps in trained) - 1,
+            "steps": projected.releases - 1,
         }
         return TrainOutcome(loss=None, num_examples=count, metrics=metrics)
 
@@ -623,10 +627,10 @@ def _use_public_batch_size(optimizer, expected_batch_size: float) -> None:
     optimizer.expected_batch_size = expected_batch_size
 
 
-def _ledger_record(history: list, *, count: float, noise_multiplier: float | None = None) -> ConfigRecord:
+def _ledger_record(ledger, *, count: float, noise_multiplier: float | None = None) -> ConfigRecord:
     """The client's ledger as stored in ``context.state`` and on disk.
 
     ``noise_multiplier`` is left out until it is known (solved for a target).
     """
     solved = {} if noise_multiplier is None else {"noise_multiplier": noise_multiplier}
-    return ConfigRecord({**_accounting().history_to_lists(history), "noisy_count": count, **solved})
+    return ConfigRecord({**ledger.state_dict(), "noisy_count": count, **solved})

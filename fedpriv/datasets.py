@@ -141,6 +141,46 @@ class _Dataset(abc.ABC):
 
 
 @dataclass(frozen=True)
+class Synthetic(_Dataset):
+    """Random 8x8 single-channel images with random labels (10 classes): as many as you ask for.
+
+    For scale and speed measurements (digits has too few examples for 10,000
+    clients); nothing can be learned from it.
+
+    Parameters
+    ----------
+    test_fraction : float
+        Fraction of ``num_examples`` held out for the server, in (0, 1).
+    seed : int
+        Seed of the data.
+    num_examples : int
+        Examples in all, before the hold-out, ``>= 2``.
+    """
+
+    test_fraction: float = 0.2
+    seed: int = 0
+    num_examples: int = 2_000
+
+    input_shape: ClassVar[tuple[int, ...]] = (1, 8, 8)
+    num_classes: ClassVar[int] = 10
+
+    def __post_init__(self) -> None:
+        """Validate the settings."""
+        _check_fraction("test_fraction", self.test_fraction)
+        check_int("dataset.seed", self.seed, minimum=0)
+        check_int("dataset.num_examples", self.num_examples, minimum=2, maximum=10**8)
+
+    def _build(self) -> DatasetSplits:
+        generator = torch.Generator().manual_seed(self.seed)
+        x = torch.rand(self.num_examples, *self.input_shape, generator=generator)
+        y = torch.randint(0, self.num_classes, (self.num_examples,), generator=generator)
+        cut = min(max(int(self.num_examples * (1 - self.test_fraction)), 1), self.num_examples - 1)
+        return DatasetSplits(
+            train_x=x[:cut], train_y=y[:cut], test_x=x[cut:], test_y=y[cut:], num_classes=self.num_classes
+        )
+
+
+@dataclass(frozen=True)
 class Digits(_Dataset):
     """scikit-learn's 8x8 handwritten digits (1,797 images, bundled, works offline).
 

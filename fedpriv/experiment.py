@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from fedpriv.checks import check_bool, check_int, check_real, check_text
-from fedpriv.run_config import ConfigError, Scalar, build_component, unflatten
+from fedpriv.run_config import ConfigError, Scalar, build_component, flatten, unflatten
 
 GROUPS = ("strategy", "client", "model", "dataset", "partition")
 MAX_CLIENTS = 10**7
@@ -169,6 +169,68 @@ def load_experiment(config: Mapping[str, Any]) -> Experiment:
             "exact client metrics that client=opacus does not cover; the server evaluates on its own split"
         )
     return experiment
+
+
+def prepare_run(nested: dict[str, Any], *, default_output_dir: str) -> tuple[Experiment, Any, dict[str, Scalar]]:
+    """Validate a resolved config and build what a run needs, before anything starts.
+
+    Parameters
+    ----------
+    nested : dict
+        The resolved nested config (Hydra's, as plain containers); not modified.
+    default_output_dir : str
+        The output folder when the config names none (Hydra's job folder).
+
+    Returns
+    -------
+    tuple
+        ``(experiment, mode, run_config)``: the validated experiment, the
+        ``mode`` object that runs it, and the flat Flower run config.
+
+    Raises
+    ------
+    ConfigError
+        Naming the first invalid key and value: any constructor's refusal, a
+        checkpoint that does not match, a dataset that cannot be loaded or
+        partitioned, or a run that could not start (:func:`check_runnable`).
+    """
+    from fedpriv.checkpoint import check_resumable, load_checkpoint
+
+    nested = dict(nested)
+    if nested.get("resume"):
+        nested["resume"] = nested["output_dir"] = _resume_folder(nested)
+    if not nested.get("output_dir"):
+        nested["output_dir"] = default_output_dir
+    experiment = load_experiment(nested)
+    if experiment.settings.resume:
+        check_resumable(load_checkpoint(experiment.settings.resume), config=nested, run_dir=experiment.settings.resume)
+    build_component(experiment.strategy_config, key="strategy")
+    experiment.build_model()
+    try:
+        # Loads the data and partitions it once (cached for the in-process server),
+        # so a missing dataset or an impossible partition fails here, in one line.
+        client_examples(experiment, partition_id=0, num_partitions=experiment.settings.num_clients)
+    except (OSError, ValueError) as exc:
+        raise ConfigError(str(exc)) from exc
+    mode = build_component(nested["mode"], key="mode")
+    check_runnable(experiment, mode=mode)
+    return experiment, mode, flatten(nested)
+
+
+def _resume_folder(nested: Mapping[str, Any]) -> str:
+    """The absolute folder to resume, which is also the run's output folder.
+
+    Raises
+    ------
+    ConfigError
+        If ``output_dir`` names another folder.
+    """
+    folder = Path(str(nested["resume"])).expanduser().resolve()
+    if nested.get("output_dir") and Path(str(nested["output_dir"])).expanduser().resolve() != folder:
+        raise ConfigError(
+            f"output_dir={nested['output_dir']}: a resumed run writes into its own folder, resume={folder}"
+        )
+    return str(folder)
 
 
 def check_runnable(experiment: Experiment, *, mode: Any) -> None:

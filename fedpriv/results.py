@@ -260,3 +260,15 @@ def merge_results_section(results_path: Path, *, section: str, values: Mapping[s
     updated = {**document, section: _strict_json({**current, **values})}
     _atomic_write(path, json.dumps(updated, indent=2, allow_nan=False) + "\n")
     return updated
+
+
+def final_summary(final: Mapping[str, Any]) -> str:
+    """One line: rounds, why the run stopped, accuracy and the privacy spent."""
+    parts = [
+        f"{final.get('rounds_completed')} rounds ({final.get('stopped_reason')})",
+        f"test accuracy {final['test_accuracy']:.4f}" if final.get("test_accuracy") is not None else "",
+    ]
+    for epsilon, delta in (("epsilon_user", "delta_user"), ("epsilon_record_max", "delta_record")):
+        if final.get(epsilon) is not None:
+            parts.append(f"{epsilon} {final[epsilon]:.3g} (delta {final[delta]:.3g})")
+    return ", ".join(part for part in parts if part)

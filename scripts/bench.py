@@ -324,10 +324,13 @@ def compute_floor(overrides: list[str]) -> dict[str, Any]:
 
 
 def _fedavg_round(experiment, global_state: dict, data: list, *, server_round: int) -> dict:
-    """Train every client from ``global_state``; return the example-weighted average."""
+    """Train every client from ``global_state`` as the ClientApp does; return the server's average."""
     from flwr.app import RecordDict
 
-    total, summed = 0, None
+    from clients.client_app import training_seed
+    from strategies.aggregation import weighted_average
+
+    models, weights = [], []
     for partition_id, (x, y) in enumerate(data):
         local = experiment.build_model()
         local.load_state_dict(global_state)
@@ -335,14 +338,14 @@ def _fedavg_round(experiment, global_state: dict, data: list, *, server_round: i
             local,
             x,
             y,
-            seed=server_round * 100_003 + partition_id,
+            seed=training_seed(experiment=experiment, server_round=server_round, partition_id=partition_id),
             state=RecordDict(),
             planned_rounds=experiment.settings.num_rounds,
         )
-        weighted = {k: v * outcome.num_examples for k, v in local.state_dict().items()}
-        summed = weighted if summed is None else {k: summed[k] + weighted[k] for k in summed}
-        total += outcome.num_examples
-    return {k: v / total for k, v in summed.items()}
+        models.append([value.numpy() for value in local.state_dict().values()])
+        weights.append(outcome.num_examples)
+    averaged = weighted_average(models, weights)
+    return {name: torch.from_numpy(value) for name, value in zip(global_state, averaged, strict=True)}
 
 
 def run_floor(overrides: list[str], *, cwd: Path) -> dict[str, Any]:
@@ -661,8 +664,8 @@ def bench_memory(workload: list[str], *, sizes: Sizes, sections: dict, work_dir:
 def scale_overrides(num_clients: int, *, rounds: int) -> list[str]:
     """A cheap federation of ``num_clients`` on synthetic 8x8 data, 10 sampled per round."""
     return [
-        "dataset._target_=bench_apps.Synthetic",
-        f"+dataset.num_examples={int(math.ceil(num_clients * 2 / 0.8))}",  # 2 per client
+        "dataset=synthetic",
+        f"dataset.num_examples={int(math.ceil(num_clients * 2 / 0.8))}",  # 2 per client
         f"num_clients={num_clients}",
         f"num_rounds={rounds}",
         f"strategy.fraction_train={SAMPLED_PER_ROUND / num_clients}",

@@ -5,22 +5,18 @@
 - ``client_app``: record-level DP-SGD written the way Flower's Opacus example
   writes it: a new ``PrivacyEngine`` every round (Opacus' defaults, so
   ``grad_sample_mode="hooks"``), so the epsilon it reports covers that round only.
-- :class:`Synthetic`: random 8x8 "images", as many as the scale runs need
-  (digits has too few examples for 10,000 clients).
 
 The bench selects the apps with ``+mode.server_app=bench_apps:server_app
-+mode.client_app=bench_apps:client_app`` and the dataset with
-``dataset._target_=bench_apps.Synthetic``; ``scripts/`` must then be on
-``PYTHONPATH`` so that Ray's workers import this module.
++mode.client_app=bench_apps:client_app``; ``scripts/`` must then be on
+``PYTHONPATH`` so that Ray's workers import this module. Its scale runs use
+``dataset=synthetic`` (:class:`fedpriv.datasets.Synthetic`).
 """
 
 from __future__ import annotations
 
 import json
 import time
-from dataclasses import dataclass
 from pathlib import Path
-from typing import ClassVar
 
 import torch
 from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
@@ -30,7 +26,6 @@ from flwr.serverapp.strategy import FedAvg
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from fedpriv.datasets import DatasetSplits, _Dataset
 from fedpriv.experiment import client_examples, experiment_from_run_config
 from fedpriv.opacus_logging import opacus_logging_contained
 from fedpriv.protocol import WEIGHT_KEY
@@ -38,37 +33,6 @@ from fedpriv.training import evaluate
 
 server_app = ServerApp()
 client_app = ClientApp()
-
-
-@dataclass(frozen=True)
-class Synthetic(_Dataset):
-    """Random 8x8 single-channel images with random labels (10 classes).
-
-    Parameters
-    ----------
-    test_fraction : float
-        Fraction of ``num_examples`` held out for the server.
-    seed : int
-        Seed of the data.
-    num_examples : int
-        Examples in all, before the hold-out.
-    """
-
-    test_fraction: float = 0.2
-    seed: int = 0
-    num_examples: int = 2_000
-
-    input_shape: ClassVar[tuple[int, ...]] = (1, 8, 8)
-    num_classes: ClassVar[int] = 10
-
-    def _build(self) -> DatasetSplits:
-        generator = torch.Generator().manual_seed(self.seed)
-        x = torch.rand(self.num_examples, *self.input_shape, generator=generator)
-        y = torch.randint(0, self.num_classes, (self.num_examples,), generator=generator)
-        cut = int(self.num_examples * (1 - self.test_fraction))
-        return DatasetSplits(
-            train_x=x[:cut], train_y=y[:cut], test_x=x[cut:], test_y=y[cut:], num_classes=self.num_classes
-        )
 
 
 @client_app.train()

@@ -30,10 +30,10 @@ if str(REPO) not in sys.path:
     # Running from a checkout without `pip install -e .` still finds the packages.
     sys.path.insert(0, str(REPO))
 
-from fedpriv.checkpoint import check_resumable, load_checkpoint  # noqa: E402
-from fedpriv.experiment import check_runnable, client_examples, load_experiment  # noqa: E402
+from fedpriv.experiment import prepare_run  # noqa: E402
 from fedpriv.logs import LOG_FILE, log_to_file, quiet_console  # noqa: E402
-from fedpriv.run_config import ConfigError, build_component, flatten  # noqa: E402
+from fedpriv.results import final_summary  # noqa: E402
+from fedpriv.run_config import ConfigError  # noqa: E402
 
 CONFIG_ERROR = 2
 # Not 1: Hydra's own exit code 1 means the config failed to compose.
@@ -43,7 +43,7 @@ logger = logging.getLogger("fedpriv.run")
 
 
 def prepare(cfg: DictConfig, *, output_dir: str):
-    """Validate the composed config and return ``(experiment, mode, run_config)``.
+    """Resolve the composed config and validate it (:func:`fedpriv.experiment.prepare_run`).
 
     Raises
     ------
@@ -54,40 +54,7 @@ def prepare(cfg: DictConfig, *, output_dir: str):
         nested = OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
     except Exception as exc:  # OmegaConf raises several unrelated types for bad interpolations
         raise ConfigError(f"config could not be resolved: {exc}".splitlines()[0]) from exc
-    if nested.get("resume"):
-        nested["resume"], nested["output_dir"] = _resume_folder(nested)
-    if not nested.get("output_dir"):
-        nested["output_dir"] = output_dir
-    experiment = load_experiment(nested)
-    if experiment.settings.resume:
-        check_resumable(load_checkpoint(experiment.settings.resume), config=nested, run_dir=experiment.settings.resume)
-    build_component(experiment.strategy_config, key="strategy")
-    experiment.build_model()
-    try:
-        # Loads the data and partitions it once (cached for the in-process server),
-        # so a missing dataset or an impossible partition fails here, in one line.
-        client_examples(experiment, partition_id=0, num_partitions=experiment.settings.num_clients)
-    except (OSError, ValueError) as exc:
-        raise ConfigError(str(exc)) from exc
-    mode = build_component(nested["mode"], key="mode")
-    check_runnable(experiment, mode=mode)
-    return experiment, mode, flatten(nested)
-
-
-def _resume_folder(nested: dict) -> tuple[str, str]:
-    """The absolute folder to resume, which is also the run's output folder.
-
-    Raises
-    ------
-    ConfigError
-        If ``output_dir`` names another folder.
-    """
-    folder = Path(str(nested["resume"])).expanduser().resolve()
-    if nested.get("output_dir") and Path(str(nested["output_dir"])).expanduser().resolve() != folder:
-        raise ConfigError(
-            f"output_dir={nested['output_dir']}: a resumed run writes into its own folder, resume={folder}"
-        )
-    return str(folder), str(folder)
+    return prepare_run(nested, default_output_dir=output_dir)
 
 
 def _first_of_each_sweep(args: list[str], *, multirun: bool) -> list[str]:
@@ -226,18 +193,6 @@ def main(cfg: DictConfig) -> None:
         return
     final = json.loads(results_path.read_text())["final"] or {}
     logger.info("finished: %s", final_summary(final))
-
-
-def final_summary(final: dict) -> str:
-    """One line: rounds, why the run stopped, accuracy and the privacy spent."""
-    parts = [
-        f"{final.get('rounds_completed')} rounds ({final.get('stopped_reason')})",
-        f"test accuracy {final['test_accuracy']:.4f}" if final.get("test_accuracy") is not None else "",
-    ]
-    for epsilon, delta in (("epsilon_user", "delta_user"), ("epsilon_record_max", "delta_record")):
-        if final.get(epsilon) is not None:
-            parts.append(f"{epsilon} {final[epsilon]:.3g} (delta {final[delta]:.3g})")
-    return ", ".join(part for part in parts if part)
 
 
 def _exit_code_of(code: object) -> object:

@@ -24,15 +24,12 @@ from fedpriv.privacy import (
     add_gaussian_noise,
     aggregate_clipped,
     bounded_weight,
-    compute_epsilon,
     fixed_denominator,
-    history_from_lists,
-    history_to_lists,
     next_clipping_norm,
     noise_std,
     noisy_unclipped_fraction,
-    record_steps,
 )
+from fedpriv.privacy.ledger import PrivacyLedger
 from strategies.aggregation import TrainReply
 from strategies.weighted_fedavg import StopRun, WeightedFedAvg
 
@@ -127,9 +124,9 @@ class DPFedAvg(WeightedFedAvg):
         clipped sum before the noise, counted in the round's ``num_canaries``.
     **kwargs
         Passed to :class:`WeightedFedAvg` (``min_available_nodes``,
-        ``server_lr``, ``fraction_evaluate``, ...). Training sampling is
-        Poisson, so ``fraction_train`` and ``min_train_nodes`` do not apply,
-        and ``min_valid_replies`` neither: every round releases a model.
+        ``server_lr``, ``node_wait_seconds``, ...). Training sampling is
+        Poisson, so ``fraction_train`` and ``min_train_nodes`` are refused,
+        and ``min_valid_replies`` too: every round releases a model.
     """
 
     accepts_extra_updates = True
@@ -153,6 +150,13 @@ class DPFedAvg(WeightedFedAvg):
         extra_updates: ExtraUpdates | None = None,
         **kwargs,
     ) -> None:
+        not_applicable = sorted(set(kwargs) & {"fraction_train", "min_train_nodes", "min_valid_replies"})
+        if not_applicable:
+            key = not_applicable[0]
+            raise ValueError(
+                f"strategy.{key}={kwargs[key]!r}: does not apply to DP-FedAvg, which Poisson-samples "
+                "clients with sample_rate and releases a model every round"
+            )
         super().__init__(**kwargs)
         if self.fraction_evaluate > 0:
             raise ValueError(
@@ -186,8 +190,8 @@ class DPFedAvg(WeightedFedAvg):
         self.max_epsilon = max_epsilon
         self.extra_updates = extra_updates
         self.denominator = fixed_denominator(sample_rate=self.sample_rate, num_clients=num_clients)
+        self.ledger = PrivacyLedger(accountant=accountant)
         self._check_numerics()
-        self.history: list[tuple[float, float, int]] = []
         self.epsilon_user = 0.0
         self._sampling_rng = np.random.default_rng(sampling_seed if sampling_seed is not None else secrets.randbits(128))
         self._noise_rng = np.random.default_rng(noise_seed if noise_seed is not None else secrets.randbits(128))
@@ -226,7 +230,9 @@ class DPFedAvg(WeightedFedAvg):
         if self.noise_multiplier == 0:
             return
         try:
-            epsilon = self._epsilon_after([(self.noise_multiplier, self.sample_rate, 1)])
+            epsilon = self.ledger.after(noise_multiplier=self.noise_multiplier, sample_rate=self.sample_rate).epsilon(
+                self.target_delta
+            )
         except (ArithmeticError, ValueError) as exc:
             epsilon, reason = math.nan, f"{type(exc).__name__}: {exc}"
         else:
@@ -266,8 +272,10 @@ class DPFedAvg(WeightedFedAvg):
             self.max_epsilon,
         )
 
-    def _epsilon_after(self, history: list[tuple[float, float, int]]) -> float:
-        return compute_epsilon(history, delta=self.target_delta, accountant=self.accountant)
+    @property
+    def history(self) -> list[tuple[float, float, int]]:
+        """The releases accounted so far (the ledger's history)."""
+        return self.ledger.history
 
     def sample_train_nodes(self, server_round: int, grid: Grid) -> list[int]:
         """Check the budget, then Poisson-sample the nodes for this round.
@@ -277,16 +285,18 @@ class DPFedAvg(WeightedFedAvg):
         StopRun
             If this round's release would take ``epsilon_user`` past ``max_epsilon``.
         """
-        if self.max_epsilon is not None:
-            projected = self._epsilon_after(
-                record_steps(self.history, noise_multiplier=self.noise_multiplier, sample_rate=self.sample_rate)
+        projected = self.ledger.epsilon_if_over(
+            max_epsilon=self.max_epsilon,
+            delta=self.target_delta,
+            noise_multiplier=self.noise_multiplier,
+            sample_rate=self.sample_rate,
+        )
+        if projected is not None:
+            raise StopRun(
+                "privacy_budget_exhausted",
+                f"round {server_round} would bring epsilon_user from {self.epsilon_user:.4g} to "
+                f"{projected:.4g} > strategy.max_epsilon={self.max_epsilon:g}",
             )
-            if projected > self.max_epsilon:
-                raise StopRun(
-                    "privacy_budget_exhausted",
-                    f"round {server_round} would bring epsilon_user from {self.epsilon_user:.4g} to "
-                    f"{projected:.4g} > strategy.max_epsilon={self.max_epsilon:g}",
-                )
         candidates = sorted(self._trainable_nodes(grid))
         joins = self._sampling_rng.random(len(candidates)) < self.sample_rate
         return [node for node, joined in zip(candidates, joins, strict=True) if joined]
@@ -334,8 +344,8 @@ class DPFedAvg(WeightedFedAvg):
         stats, self._round_stats = self._round_stats, {}
         if not stats:
             return {}
-        self.history = record_steps(self.history, noise_multiplier=self.noise_multiplier, sample_rate=self.sample_rate)
-        self.epsilon_user = self._epsilon_after(self.history)
+        self.ledger.record(noise_multiplier=self.noise_multiplier, sample_rate=self.sample_rate)
+        self.epsilon_user = self.ledger.epsilon(self.target_delta)
         return {**stats, "epsilon_user": self.epsilon_user}
 
     def privacy_summary(self) -> dict[str, float | None]:
@@ -347,7 +357,7 @@ class DPFedAvg(WeightedFedAvg):
         """The base state plus the accountant history, the clipping norm and seeded RNG states."""
         return {
             **super().resume_state(),
-            "history": history_to_lists(self.history),
+            "history": self.ledger.state_dict(),
             "clipping_norm": self.clipping_norm,
             "rng_states": {name: rng.bit_generator.state for name, rng in self._seeded_rngs.items()},
         }
@@ -366,8 +376,8 @@ class DPFedAvg(WeightedFedAvg):
                 f"strategy state after {completed_rounds} rounds has no accountant history: "
                 "the checkpoint is not from a DP-FedAvg run"
             )
-        self.history = history_from_lists(state["history"])
-        self.epsilon_user = self._epsilon_after(self.history) if self.history else 0.0
+        self.ledger.load_state_dict(state["history"])
+        self.epsilon_user = self.ledger.epsilon(self.target_delta)
         self.clipping_norm = check_real("strategy.clipping_norm", state["clipping_norm"], above=0.0)
         for name, rng_state in state.get("rng_states", {}).items():
             if name in self._seeded_rngs:
@@ -377,7 +387,7 @@ class DPFedAvg(WeightedFedAvg):
             type(self).__name__,
             completed_rounds,
             self.epsilon_user,
-            sum(steps for _, _, steps in self.history),
+            self.ledger.releases,
             self.clipping_norm,
         )
 

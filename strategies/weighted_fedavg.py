@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import time
 from collections.abc import Iterable, Mapping
 from typing import Any
 
@@ -31,6 +30,8 @@ from strategies.aggregation import (
     weighted_average,
     weighted_metrics,
 )
+from strategies.nodes import NodeTracker
+from strategies.record_privacy import RecordPrivacyTally
 
 logger = get_logger(__name__)
 
@@ -166,17 +167,9 @@ class WeightedFedAvg(Strategy):
         self._revert_to: ArrayRecord | None = None  # set when that round's result is rejected
         self.train_metrics: dict[int, dict[str, float]] = {}
         self.stop: StopRun | None = None
-        self.declined_nodes: set[int] = set()
-        self.record_epsilon: dict[int, float] = {}
-        self.record_delta: float | None = None
-        # Record-level epsilon reported before a resume: node ids change
-        # between runs, so only the maximum carries over.
-        self.record_epsilon_floor = 0.0
+        self.record_privacy = RecordPrivacyTally()
+        self.nodes = NodeTracker(min_available_nodes=min_available_nodes, wait_seconds=node_wait_seconds)
         self.round_offset = 0
-        self._known_nodes: set[int] = set()  # every node seen connected in this run
-        self._started = False  # min_available_nodes was reached once
-        self._last_nodes: set[int] = set()  # connected at the last look
-        self._node_counts: dict[str, int] = {}  # num_available / num_lost_nodes at the last look
         self._round_nodes: dict[int, dict[str, int]] = {}  # per round, from configure_train
         self._round_sampled: dict[int, list[int]] = {}  # the nodes sent each round's model
         self._round = 0
@@ -203,61 +196,6 @@ class WeightedFedAvg(Strategy):
             self.seed,
         )
 
-    def _connected_nodes(self, grid: Grid) -> list[int]:
-        """The nodes connected now (sorted), waiting while there are too few.
-
-        Until ``min_available_nodes`` have been connected once (the start
-        condition), waits for that many; afterwards only for at least one
-        (none with ``min_available_nodes=0``). Records ``num_available`` and
-        ``num_lost_nodes`` and logs a WARNING naming the nodes that have gone
-        since the last look.
-
-        Raises
-        ------
-        RuntimeError
-            When too few nodes are connected for ``node_wait_seconds``.
-        """
-        needed = min(self.min_available_nodes, 1) if self._started else self.min_available_nodes
-        deadline = time.monotonic() + self.node_wait_seconds
-        while len(nodes := sorted(grid.get_node_ids())) < needed:
-            if time.monotonic() > deadline:
-                if self._started:
-                    raise RuntimeError(
-                        f"no node connected for {self.node_wait_seconds:.0f}s: all "
-                        f"{len(self._known_nodes)} nodes of this run are gone (strategy.node_wait_seconds)"
-                    )
-                raise RuntimeError(
-                    f"only {len(nodes)} nodes connected after {self.node_wait_seconds:.0f}s; "
-                    f"strategy.min_available_nodes={self.min_available_nodes}"
-                )
-            logger.info("waiting for nodes: %d of %d connected", len(nodes), needed)
-            time.sleep(1.0)
-        self._started = True
-        self._observe_nodes(set(nodes))
-        return nodes
-
-    def _observe_nodes(self, connected: set[int]) -> None:
-        lost = sorted(self._last_nodes - connected)
-        if lost:
-            logger.warning(
-                "round %d: %d node(s) lost since the last round (%s); going on with the %d connected",
-                self._round,
-                len(lost),
-                ", ".join(map(str, lost)),
-                len(connected),
-            )
-        joined = connected - self._known_nodes
-        if joined and self._known_nodes:
-            logger.info(
-                "round %d: %d node(s) joined: %s", self._round, len(joined), ", ".join(map(str, sorted(joined)))
-            )
-        self._known_nodes.update(connected)
-        self._last_nodes = connected
-        self._node_counts = {
-            "num_available": len(connected),
-            "num_lost_nodes": len(self._known_nodes - connected),
-        }
-
     def _trainable_nodes(self, grid: Grid) -> list[int]:
         """Connected nodes that have not declined for lack of privacy budget.
 
@@ -266,8 +204,8 @@ class WeightedFedAvg(Strategy):
         StopRun
             When every connected node has declined.
         """
-        connected = self._connected_nodes(grid)
-        candidates = [node for node in connected if node not in self.declined_nodes]
+        connected = self.nodes.connected(grid, server_round=self._round)
+        candidates = [node for node in connected if node not in self.record_privacy.declined]
         if connected and not candidates:
             raise StopRun("privacy_budget_exhausted", "every client has declined: record-level budget spent or privacy ledger missing")
         return candidates
@@ -315,7 +253,7 @@ class WeightedFedAvg(Strategy):
         self._global = [array.numpy() for array in arrays.values()]
         self._round = server_round
         node_ids = self.sample_train_nodes(server_round, grid)
-        self._round_nodes[server_round] = {**self._node_counts, "num_sampled": len(node_ids)}
+        self._round_nodes[server_round] = {**self.nodes.counts, "num_sampled": len(node_ids)}
         self._round_sampled[server_round] = list(node_ids)
         logger.debug("round %d: training on %d nodes", server_round, len(node_ids))
         return self._messages(
@@ -345,25 +283,10 @@ class WeightedFedAvg(Strategy):
                 logger.warning("rejected reply: %s", exc)
                 spent = reported_privacy(msg)
                 if spent:
-                    self._track_record_privacy(
+                    self.record_privacy.track(
                         [MetricsReply(node_id=msg.metadata.src_node_id, num_examples=1.0, metrics=spent)]
                     )
         return valid, rejected, declined
-
-    def _track_record_privacy(self, replies: list[TrainReply | MetricsReply]) -> dict[str, float]:
-        for reply in replies:
-            if "epsilon" in reply.metrics:
-                previous = self.record_epsilon.get(reply.node_id, 0.0)
-                self.record_epsilon[reply.node_id] = max(previous, reply.metrics["epsilon"])
-            if "delta" in reply.metrics:
-                self.record_delta = max(self.record_delta or 0.0, reply.metrics["delta"])
-        if not self.record_epsilon:
-            return {"epsilon_record_max": self.record_epsilon_floor} if self.record_epsilon_floor else {}
-        spent = list(self.record_epsilon.values())
-        return {
-            "epsilon_record_max": max(self.record_epsilon_floor, *spent),
-            "epsilon_record_mean": sum(spent) / len(spent),
-        }
 
     def releases_update(self, valid: list[TrainReply]) -> bool:
         """Whether this round updates the model (enough valid replies)."""
@@ -412,8 +335,8 @@ class WeightedFedAvg(Strategy):
         elif unavailable:
             nodes["num_unreachable"] = unavailable
         valid, rejected, declined = self.validate_train_replies(replies)
-        self.declined_nodes.update(d.node_id for d in declined)
-        if self._known_nodes and self._known_nodes <= self.declined_nodes:
+        self.record_privacy.decline(d.node_id for d in declined)
+        if self.record_privacy.everyone_declined(self.nodes.known):
             self.stop = StopRun("privacy_budget_exhausted", "every client has declined: record-level budget spent or privacy ledger missing")
         weights = [r.num_examples for r in valid]
         client_metrics = weighted_metrics([r.metrics for r in valid], weights)
@@ -423,7 +346,7 @@ class WeightedFedAvg(Strategy):
             "num_declined": len(declined),
             "train_loss": client_metrics.pop("train_loss", None),
             **{f"client_{key}": value for key, value in client_metrics.items()},
-            **self._track_record_privacy([*valid, *declined]),
+            **self.record_privacy.track([*valid, *declined]),
             **nodes,
         }
         arrays = None
@@ -480,29 +403,18 @@ class WeightedFedAvg(Strategy):
 
     def privacy_summary(self) -> dict[str, float | None]:
         """Privacy spent by the whole run; ``None`` where that kind of privacy is off."""
-        spent = [self.record_epsilon_floor, *self.record_epsilon.values()]
-        return {
-            "epsilon_user": None,
-            "delta_user": None,
-            "epsilon_record_max": max(spent) if any(spent) else None,
-            "delta_record": self.record_delta,
-        }
+        return {"epsilon_user": None, "delta_user": None, **self.record_privacy.summary()}
 
     def resume_state(self) -> dict[str, Any]:
         """What a checkpoint keeps so that :meth:`restore` can go on after this round."""
-        summary = WeightedFedAvg.privacy_summary(self)
-        return {
-            "epsilon_record_max": summary["epsilon_record_max"],
-            "delta_record": self.record_delta,
-        }
+        return self.record_privacy.state()
 
     def restore(self, state: Mapping[str, Any], *, completed_rounds: int) -> None:
         """Go on from a checkpoint: ``state`` from :meth:`resume_state` after ``completed_rounds``."""
         if isinstance(completed_rounds, bool) or not isinstance(completed_rounds, int) or completed_rounds < 0:
             raise ValueError(f"completed_rounds={completed_rounds!r}: must be an integer >= 0")
         self.round_offset = completed_rounds
-        self.record_epsilon_floor = float(state.get("epsilon_record_max") or 0.0)
-        self.record_delta = state.get("delta_record")
+        self.record_privacy.restore(state)
 
     def configure_evaluate(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
@@ -513,7 +425,7 @@ class WeightedFedAvg(Strategy):
         server_round += self.round_offset
         self._round = server_round
         node_ids = sample_node_ids(
-            self._connected_nodes(grid),
+            self.nodes.connected(grid, server_round=server_round),
             fraction=self.fraction_evaluate,
             min_nodes=self.min_evaluate_nodes,
             seed=self.seed + 1,

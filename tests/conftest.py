@@ -97,3 +97,14 @@ def operator_records(run_dir: Path) -> tuple[str, list[dict]]:
 
     lines = [json.loads(line) for line in (Path(run_dir) / OPERATOR_FILE).read_text().splitlines()]
     return lines[0]["warning"], lines[1:]
+
+
+def stop_and_assert_gone(directory: Path, started: list[int]) -> None:
+    """Stop a local federation; nothing it or Flower started may be left running."""
+    from fedpriv import federation
+
+    spawned = federation._descendants(started)
+    federation.stop_federation(directory)
+    left = [pid for pid in [*started, *spawned] if federation.is_running(pid)]
+    assert left == [], f"still running: {left}"
+    assert list(directory.glob("*.pid")) == []

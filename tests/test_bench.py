@@ -15,13 +15,11 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, R
 
 from fedpriv.compose import compose_config
 from fedpriv.experiment import client_examples, load_experiment
+from fedpriv.datasets import Synthetic
 from fedpriv.run_config import flatten
+from scripts import bench, bench_apps
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "scripts"))
-
-import bench  # noqa: E402
-import bench_apps  # noqa: E402
 
 
 def test_smoke_run_writes_every_section(tmp_path):
@@ -127,6 +125,6 @@ def test_scale_overrides_give_every_client_data():
     ]
 
     # Assert
-    assert isinstance(experiment.dataset, bench_apps.Synthetic)
+    assert isinstance(experiment.dataset, Synthetic)
     assert min(sizes) >= 2
     assert experiment.strategy_config["fraction_train"] * 100 == bench.SAMPLED_PER_ROUND

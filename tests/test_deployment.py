@@ -1,6 +1,6 @@
 """Deployment: `mode=deployment` against real SuperLink/SuperNode processes on 127.0.0.1.
 
-The local launcher (scripts/federation.py) starts the processes; every test
+The local launcher (fedpriv.federation, behind scripts/federation.py) starts the processes; every test
 stops them in a `finally` and checks that none of them (nor anything Flower
 spawned under them) is left running. Each message starts a `flwr-clientapp`
 process that imports torch, and Flower polls every 3 s, so a round takes
@@ -9,7 +9,6 @@ about 15 s here.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import subprocess
@@ -20,13 +19,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from fedpriv.deployment import DeploymentMode
+from conftest import REPO, stop_and_assert_gone
 
-REPO = Path(__file__).resolve().parents[1]
-_spec = importlib.util.spec_from_file_location("fedpriv_federation", REPO / "scripts" / "federation.py")
-federation = importlib.util.module_from_spec(_spec)
-sys.modules[_spec.name] = federation  # dataclasses look their module up there
-_spec.loader.exec_module(federation)
+from fedpriv import federation
+from fedpriv.deployment import DeploymentMode
 
 
 def run_experiment(tmp_path: Path, *overrides: str, name: str = "run") -> tuple[subprocess.CompletedProcess, Path]:
@@ -53,15 +49,6 @@ def assert_completed_rounds(result: subprocess.CompletedProcess, out: Path, *, r
     if document["config"]["client"]["_target_"] == "clients.OpacusTraining":
         epsilons = [row["epsilon_record_max"] for row in document["rounds"]]
         assert all(e is not None for e in epsilons) and epsilons == sorted(set(epsilons))
-
-
-def stop_and_assert_gone(directory: Path, started: list[int]) -> None:
-    """Stop the federation; nothing it or Flower started may be left running."""
-    spawned = federation._descendants(started)
-    federation.stop_federation(directory)
-    left = [pid for pid in [*started, *spawned] if federation.is_running(pid)]
-    assert left == [], f"still running: {left}"
-    assert list(directory.glob("*.pid")) == []
 
 
 # A private config: record-level DP on the clients, so their accountant state

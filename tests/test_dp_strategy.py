@@ -229,6 +229,8 @@ def test_adaptive_noise_budget_is_split_between_count_and_update():
         ({"accountant": "gdp"}, "strategy.accountant='gdp'"),
         ({"max_epsilon": -2.0}, "strategy.max_epsilon=-2.0"),
         ({"fraction_evaluate": 0.5}, "strategy.fraction_evaluate=0.5: federated evaluation releases exact"),
+        ({"fraction_train": 0.5}, "strategy.fraction_train=0.5: does not apply to DP-FedAvg"),
+        ({"min_valid_replies": 2}, "strategy.min_valid_replies=2: does not apply to DP-FedAvg"),
     ],
 )
 def test_invalid_dp_settings_name_key_and_value(overrides, message):

@@ -23,10 +23,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import FakeGrid, arrays_record, error_reply, reply
+from conftest import REPO, FakeGrid, arrays_record, error_reply, reply, stop_and_assert_gone
 from flwr.app import ConfigRecord
 from flwr.common.constant import SUPERLINK_NODE_ID, ErrorCode
-from test_deployment import REPO, federation, stop_and_assert_gone
+
+from fedpriv import federation
 
 from strategies import DPFedAvg, WeightedFedAvg
 

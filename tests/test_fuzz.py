@@ -285,6 +285,7 @@ ACCEPTED = {
     "partition.alpha": {"huge", "tiny"},  # tiny is refused when the partition is drawn
     "seed": {"zero"},
     "seeded_noise": {"bool"},
+    "verbose": {"bool"},
     "strategy.clip_lr": {"tiny"},
     "strategy.clipping_norm": {"tiny"},
     "strategy.fraction_evaluate": {"zero", "tiny"},

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import csv
-import importlib.util
 import json
 import subprocess
 import sys
@@ -12,12 +11,11 @@ from pathlib import Path
 import matplotlib.image
 import pytest
 
+from fedpriv import report
+from scripts.report import main as report_main
+
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "scripts" / "report.py"
-_spec = importlib.util.spec_from_file_location("fedpriv_report", SCRIPT)
-report = importlib.util.module_from_spec(_spec)
-sys.modules[_spec.name] = report  # dataclasses look their module up there
-_spec.loader.exec_module(report)
 
 NOISE, ALPHA = "strategy.noise_multiplier", "partition.alpha"
 # epsilon_user reached after 3 rounds, by noise multiplier
@@ -92,7 +90,7 @@ def test_2x2_sweep_writes_table_and_plots(tmp_path, capsys):
     accuracy = make_2x2_sweep(sweep)
 
     # Execute
-    code = report.main([str(sweep)])
+    code = report_main([str(sweep)])
 
     # Assert: one CSV row per job, in job order, with its swept values and final metrics
     assert code == 0
@@ -158,7 +156,7 @@ def test_partly_failed_and_running_sweep(tmp_path, capsys):
     (sweep / "notes").mkdir()  # not a job folder
 
     # Execute
-    code = report.main([str(sweep)])
+    code = report_main([str(sweep)])
 
     # Assert
     assert code == 0
@@ -276,7 +274,7 @@ def test_folder_without_job_results_is_one_line_and_exit_1(tmp_path, capsys, lay
         (sweep / "results.json").write_text(json.dumps(results_document([0.5])))
 
     # Execute
-    code = report.main([str(sweep)])
+    code = report_main([str(sweep)])
 
     # Assert
     captured = capsys.readouterr()

@@ -11,6 +11,7 @@ from .accounting import (
     record_steps,
     solve_noise_multiplier,
 )
+from .ledger import PrivacyLedger
 from .mechanisms import (
     ClipStats,
     add_gaussian_noise,
@@ -28,6 +29,7 @@ __all__ = [
     "ACCOUNTANTS",
     "ClipStats",
     "HistoryEntry",
+    "PrivacyLedger",
     "adaptive_clipping_noise",
     "add_gaussian_noise",
     "aggregate_clipped",

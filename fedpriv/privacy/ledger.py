@@ -1,0 +1,105 @@
+"""One privacy ledger for every party that releases DP outputs.
+
+Shaped like Opacus' ``IAccountant`` (a history of releases, ``state_dict`` /
+``load_state_dict``) and Flower's ``PrivacyAccountant``: the ledger only records
+releases; the arithmetic is in :mod:`fedpriv.privacy.accounting`'s pure
+functions. Server-side DP-FedAvg keeps one for the run (client-level), each
+Opacus client keeps one for itself (record-level), and resume stores both.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from fedpriv.checks import check_choice
+from fedpriv.privacy.accounting import (
+    ACCOUNTANTS,
+    HistoryEntry,
+    compute_epsilon,
+    history_from_lists,
+    history_to_lists,
+    record_steps,
+)
+
+
+class PrivacyLedger:
+    """The releases one party has made, and the epsilon they add up to.
+
+    Every release is a Poisson-sampled Gaussian mechanism ``(noise_multiplier,
+    sample_rate, steps)`` under add/remove adjacency; a plain Gaussian release
+    (a noisy count) is one with ``sample_rate = 1``.
+
+    Parameters
+    ----------
+    accountant : str
+        ``prv`` (default) or ``rdp``.
+    history : sequence of (float, float, int)
+        Releases already made, oldest first.
+    """
+
+    def __init__(self, *, accountant: str = "prv", history: Sequence[HistoryEntry] = ()) -> None:
+        self.accountant = check_choice("accountant", accountant, ACCOUNTANTS)
+        self._history: list[HistoryEntry] = record_steps_all(history)
+
+    @property
+    def history(self) -> list[HistoryEntry]:
+        """A copy of the releases, oldest first."""
+        return list(self._history)
+
+    @property
+    def releases(self) -> int:
+        """How many releases were recorded (steps summed)."""
+        return sum(steps for _, _, steps in self._history)
+
+    def record(self, *, noise_multiplier: float, sample_rate: float, steps: int = 1) -> None:
+        """Record ``steps`` releases of one mechanism."""
+        self._history = record_steps(
+            self._history, noise_multiplier=noise_multiplier, sample_rate=sample_rate, steps=steps
+        )
+
+    def after(self, *, noise_multiplier: float, sample_rate: float, steps: int = 1) -> PrivacyLedger:
+        """A new ledger with these releases added; this one is unchanged."""
+        projected = PrivacyLedger(accountant=self.accountant, history=self._history)
+        projected.record(noise_multiplier=noise_multiplier, sample_rate=sample_rate, steps=steps)
+        return projected
+
+    def epsilon(self, delta: float) -> float:
+        """Epsilon of everything recorded, at ``delta`` (0 without releases)."""
+        return compute_epsilon(self._history, delta=delta, accountant=self.accountant)
+
+    def epsilon_if_over(
+        self, *, max_epsilon: float | None, delta: float, noise_multiplier: float, sample_rate: float, steps: int = 1
+    ) -> float | None:
+        """The epsilon these releases would bring, if that exceeds ``max_epsilon``; else ``None``.
+
+        The one budget check of fedpriv: a party calls it before a release and
+        releases nothing when it answers a number.
+        """
+        if max_epsilon is None:
+            return None
+        projected = self.after(noise_multiplier=noise_multiplier, sample_rate=sample_rate, steps=steps).epsilon(delta)
+        return projected if projected > max_epsilon else None
+
+    def state_dict(self) -> dict[str, list]:
+        """The history as parallel lists of scalars (what a ``ConfigRecord`` or JSON holds)."""
+        return history_to_lists(self._history)
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Replace the history with one from :meth:`state_dict`.
+
+        Raises
+        ------
+        ValueError
+            If the lists are missing, of different lengths, or hold an invalid entry.
+        """
+        self._history = history_from_lists(state)
+
+
+def record_steps_all(history: Sequence[HistoryEntry]) -> list[HistoryEntry]:
+    """``history`` validated and merged as :func:`record_steps` merges (a new list)."""
+    merged: list[HistoryEntry] = []
+    for noise_multiplier, sample_rate, steps in history:
+        if steps:
+            merged = record_steps(merged, noise_multiplier=noise_multiplier, sample_rate=sample_rate, steps=steps)
+    return merged
