@@ -131,13 +131,12 @@ def run_experiment(grid: Grid, experiment: Experiment, *, default_output_dir: Pa
     initial_state = {name: value.clone() for name, value in model.state_dict().items()}
     splits = experiment.dataset.load()
     resumed: Checkpoint | None = load_checkpoint(settings.resume) if settings.resume else None
-    done = 0
     if resumed is not None:
         check_resumable(resumed, config=experiment.config, run_dir=settings.resume)
-        done = resumed.round
         model.load_state_dict(resumed.state_dict)
-        strategy.restore(resumed.strategy_state, completed_rounds=done)
-        logger.info("resuming %s after round %d of %d", settings.resume, done, settings.num_rounds)
+        # The strategy owns the run's round numbers from here on (run_round).
+        strategy.restore(resumed.strategy_state, completed_rounds=resumed.round)
+        logger.info("resuming %s after round %d of %d", settings.resume, resumed.round, settings.num_rounds)
     ledger_id = resumed.ledger_id if resumed is not None else uuid.uuid4().hex
     recorder = RunRecorder(
         output_dir,
@@ -150,9 +149,10 @@ def run_experiment(grid: Grid, experiment: Experiment, *, default_output_dir: Pa
     latest = {"state_dict": model.state_dict(), "test_loss": None, "test_accuracy": None}
     logger.info("fedpriv run: results go to %s", output_dir.resolve())
 
-    def evaluate_global(server_round: int, arrays: ArrayRecord) -> MetricRecord:
-        # Flower counts the rounds of this process from 1; the run's go on after `done`.
-        server_round += done if server_round else 0
+    def end_of_round(flower_round: int, arrays: ArrayRecord) -> MetricRecord:
+        # Flower's evaluate_fn is its only per-round callback: the server's
+        # evaluation, the round's row and the checkpoint all happen here.
+        server_round = strategy.run_round(flower_round) if flower_round else 0
         state_dict = arrays.to_torch_state_dict()
         model.load_state_dict(state_dict)
         loss, accuracy = evaluate(model, splits.test_x, splits.test_y)
@@ -180,10 +180,10 @@ def run_experiment(grid: Grid, experiment: Experiment, *, default_output_dir: Pa
         strategy.start(
             grid=grid,
             initial_arrays=ArrayRecord(model.state_dict()),
-            num_rounds=settings.num_rounds - done,
+            num_rounds=settings.num_rounds - strategy.completed_rounds,
             timeout=settings.round_timeout,
-            train_config=ConfigRecord({LEDGER_KEY: ledger_id, RESUMED_KEY: done}),
-            evaluate_fn=evaluate_global,
+            train_config=ConfigRecord({LEDGER_KEY: ledger_id, RESUMED_KEY: strategy.completed_rounds}),
+            evaluate_fn=end_of_round,
         )
         stop = strategy.stop
     except StopRun as raised:

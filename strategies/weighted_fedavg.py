@@ -94,9 +94,10 @@ class WeightedFedAvg(Strategy):
     ``max_diverged_rounds`` such rounds the run stops with ``diverged``.
 
     Resuming. :meth:`resume_state` is what a checkpoint keeps and
-    :meth:`restore` puts it back: Flower's round loop then counts from 1
-    again, and the strategy shifts every round number by the rounds already
-    completed, so sampling seeds, round keys and metrics go on from there.
+    :meth:`restore` puts it back. Flower's round loop then counts from 1
+    again; :meth:`run_round` turns its numbers into the run's, and everything
+    (sampling seeds, round keys, metrics, the ServerApp's rows and
+    checkpoints) uses those.
 
     Parameters
     ----------
@@ -169,7 +170,7 @@ class WeightedFedAvg(Strategy):
         self.stop: StopRun | None = None
         self.record_privacy = RecordPrivacyTally()
         self.nodes = NodeTracker(min_available_nodes=min_available_nodes, wait_seconds=node_wait_seconds)
-        self.round_offset = 0
+        self.completed_rounds = 0  # before this process: a resumed run goes on after them
         self._round_nodes: dict[int, dict[str, int]] = {}  # per round, from configure_train
         self._round_sampled: dict[int, list[int]] = {}  # the nodes sent each round's model
         self._round = 0
@@ -242,7 +243,7 @@ class WeightedFedAvg(Strategy):
         StopRun
             When an earlier round decided that the run must end.
         """
-        server_round += self.round_offset
+        server_round = self.run_round(server_round)
         if self.stop is not None:
             raise self.stop
         if self._revert_to is not None:
@@ -309,7 +310,7 @@ class WeightedFedAvg(Strategy):
         any reply by ``round_timeout`` count in ``num_unreachable``, not in
         ``num_rejected``.
         """
-        server_round += self.round_offset
+        server_round = self.run_round(server_round)
         replies = list(replies)
         # Flower's stand-in reply comes from the SuperLink (src_node_id 1), not
         # from the node: the unreachable nodes are the sampled ones without an
@@ -409,11 +410,19 @@ class WeightedFedAvg(Strategy):
         """What a checkpoint keeps so that :meth:`restore` can go on after this round."""
         return self.record_privacy.state()
 
+    def run_round(self, flower_round: int) -> int:
+        """The run's number of Flower's round ``flower_round`` (Flower counts from 1 in every process).
+
+        The one place where resuming shifts round numbers: sampling seeds,
+        round keys, metrics and checkpoints all use the run's numbers.
+        """
+        return flower_round + self.completed_rounds
+
     def restore(self, state: Mapping[str, Any], *, completed_rounds: int) -> None:
         """Go on from a checkpoint: ``state`` from :meth:`resume_state` after ``completed_rounds``."""
         if isinstance(completed_rounds, bool) or not isinstance(completed_rounds, int) or completed_rounds < 0:
             raise ValueError(f"completed_rounds={completed_rounds!r}: must be an integer >= 0")
-        self.round_offset = completed_rounds
+        self.completed_rounds = completed_rounds
         self.record_privacy.restore(state)
 
     def configure_evaluate(
@@ -422,7 +431,7 @@ class WeightedFedAvg(Strategy):
         """Ask a sample of nodes to evaluate the global model (off when fraction is 0)."""
         if self.fraction_evaluate == 0.0:
             return []
-        server_round += self.round_offset
+        server_round = self.run_round(server_round)
         self._round = server_round
         node_ids = sample_node_ids(
             self.nodes.connected(grid, server_round=server_round),
