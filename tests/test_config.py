@@ -195,3 +195,18 @@ def test_a_simulation_cannot_wait_for_more_nodes_than_it_has_clients():
     # Execute / Assert
     with pytest.raises(ConfigError, match=r"^strategy.min_available_nodes=5: a simulation has only num_clients=3"):
         check_runnable(experiment, mode=SimulationMode())
+
+
+def test_a_dataset_brings_its_model_and_tuned_client_settings_and_the_command_line_wins():
+    # Execute
+    mnist = compose_config(["dataset=mnist"])
+    private = compose_config(["dataset=mnist", "client=opacus"])
+    chosen = compose_config(["dataset=mnist", "model=mlp", "client.lr=0.3"])
+    default = compose_config([])
+
+    # Assert
+    assert mnist["model"]["_target_"] == "fedpriv.models.CNN28"
+    assert (mnist["client"]["local_epochs"], mnist["client"]["lr"]) == (2, 0.1)
+    assert (private["client"]["batch_size"], private["client"]["lr"]) == (128, 1.0)
+    assert (chosen["model"]["_target_"], chosen["client"]["lr"]) == ("fedpriv.models.MLP", 0.3)
+    assert default["model"]["_target_"] == "fedpriv.models.MLP" and default["client"]["lr"] == 0.05
