@@ -87,7 +87,8 @@ def check_real(
     if isinstance(value, bool) or not isinstance(value, Real):
         raise fail(key, value, f"must be a number; {rule}" if rule != "must be finite" else "must be a number")
     if not math.isfinite(value):
-        raise fail(key, value, rule if rule.startswith("must be in") else "must be finite")
+        finite = rule if rule.startswith("must be in") or rule == "must be finite" else f"{rule} and finite"
+        raise fail(key, value, finite)
     if (above is not None and not value > above) or (minimum is not None and value < minimum):
         raise fail(key, value, rule)
     if maximum is not None and value > maximum:

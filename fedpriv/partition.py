@@ -7,14 +7,13 @@ plain index arrays.
 
 from __future__ import annotations
 
-import math
-import numbers
 import warnings
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import numpy as np
 
+from fedpriv.checks import check_int, check_real
 from fedpriv.logs import get_logger
 
 if TYPE_CHECKING:
@@ -41,24 +40,18 @@ class Partitioning:
     dropped: np.ndarray
 
 
-def _is_int(value: object) -> bool:
-    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
-
-
 def _check_request(labels: np.ndarray, *, num_partitions: int, seed: int) -> np.ndarray:
     """Validate the arguments common to every ``split`` and return labels as an array."""
     labels = np.asarray(labels)
     if labels.ndim != 1:
         raise ValueError(f"labels: must be one-dimensional, got shape {labels.shape}")
-    if not (_is_int(num_partitions) and num_partitions >= 1):
-        raise ValueError(f"num_clients={num_partitions}: must be an integer >= 1")
+    check_int("num_clients", num_partitions, minimum=1)
     if num_partitions > labels.size:
         raise ValueError(
             f"num_clients={num_partitions}: more clients than training examples "
             f"({labels.size})"
         )
-    if not (_is_int(seed) and seed >= 0):
-        raise ValueError(f"seed={seed}: must be an integer >= 0")
+    check_int("seed", seed, minimum=0)
     return labels
 
 
@@ -129,18 +122,8 @@ class Dirichlet:
     min_partition_size: int = 1
 
     def __post_init__(self) -> None:
-        if not (
-            isinstance(self.alpha, numbers.Real)
-            and not isinstance(self.alpha, bool)
-            and math.isfinite(self.alpha)
-            and self.alpha > 0
-        ):
-            raise ValueError(f"partition.alpha={self.alpha}: must be > 0 and finite")
-        if not (_is_int(self.min_partition_size) and self.min_partition_size >= 1):
-            raise ValueError(
-                f"partition.min_partition_size={self.min_partition_size}: "
-                "must be an integer >= 1"
-            )
+        check_real("partition.alpha", self.alpha, above=0.0)
+        check_int("partition.min_partition_size", self.min_partition_size, minimum=1)
 
     def split(self, labels: np.ndarray, *, num_partitions: int, seed: int) -> Partitioning:
         """Give every training example to exactly one client, skewed by label.
@@ -221,11 +204,7 @@ class Pathological:
     classes_per_client: int = 2
 
     def __post_init__(self) -> None:
-        if not (_is_int(self.classes_per_client) and self.classes_per_client >= 1):
-            raise ValueError(
-                f"partition.classes_per_client={self.classes_per_client}: "
-                "must be an integer >= 1"
-            )
+        check_int("partition.classes_per_client", self.classes_per_client, minimum=1)
 
     def split(self, labels: np.ndarray, *, num_partitions: int, seed: int) -> Partitioning:
         """Give each client the examples of a few classes.
