@@ -488,3 +488,27 @@ def test_gradients_are_averaged_over_the_public_expected_batch_size(monkeypatch)
     # Assert: n~ / K, not Opacus' int(n / K) from the true size.
     expected = outcome.num_examples * outcome.metrics["sample_rate"]
     assert seen == [pytest.approx(expected), pytest.approx(expected)]
+
+
+@pytest.mark.parametrize("batch_size", [1, 16, 64])
+def test_every_dataset_size_from_1_to_400_trains(batch_size):
+    # Prepare: the RDP accountant keeps 400 fits cheap; sampling and the
+    # consistency check between Opacus' record and the ledger are the same.
+    training = _training(batch_size=batch_size, accountant="rdp")
+    failed = []
+
+    # Execute
+    for n in range(1, 401):
+        x, y = torch.rand(n, 2), torch.randint(0, 2, (n,))
+        try:
+            outcome = training.fit(
+                LogisticRegression(input_shape=(2,), num_classes=2), x, y, seed=n, state=RecordDict()
+            )
+        except RuntimeError as error:
+            failed.append((n, str(error)))
+            continue
+        if outcome.metrics["steps"] != round(1 / outcome.metrics["sample_rate"]):
+            failed.append((n, outcome.metrics))
+
+    # Assert
+    assert failed == []
