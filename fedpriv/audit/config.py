@@ -12,12 +12,13 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from numbers import Integral, Real
+from numbers import Real
 from typing import Any
 
 import torch
 from torch import nn
 
+from fedpriv.checks import check_choice, check_int, check_real, fail
 from fedpriv.logs import get_logger
 
 from .canaries import CanaryClients, alignment_scores, canary_coins, canary_records, client_canary_indices
@@ -111,20 +112,12 @@ class CanaryAudit:
 
     def __post_init__(self) -> None:
         """Validate the settings."""
-        if isinstance(self.num_canaries, bool) or not isinstance(self.num_canaries, Integral) or self.num_canaries < 2:
-            raise ValueError(f"audit.num_canaries={self.num_canaries!r}: must be an integer >= 2")
+        check_int("audit.num_canaries", self.num_canaries, minimum=2, maximum=10**7)
         if isinstance(self.confidence, bool) or not isinstance(self.confidence, Real) or not 0 < self.confidence < 1:
-            raise ValueError(f"audit.confidence={self.confidence!r}: must be in (0, 1)")
-        if (
-            isinstance(self.guess_fraction, bool)
-            or not isinstance(self.guess_fraction, Real)
-            or not 0 < self.guess_fraction <= 1
-        ):
-            raise ValueError(f"audit.guess_fraction={self.guess_fraction!r}: must be in (0, 1]")
-        if self.level not in LEVELS:
-            raise ValueError(f"audit.level={self.level!r}: must be one of {list(LEVELS)}")
-        if isinstance(self.seed, bool) or not isinstance(self.seed, Integral) or self.seed < 0:
-            raise ValueError(f"audit.seed={self.seed!r}: must be an integer >= 0")
+            raise fail("audit.confidence", self.confidence, "must be in (0, 1)")
+        check_real("audit.guess_fraction", self.guess_fraction, above=0.0, maximum=1.0)
+        check_choice("audit.level", self.level, LEVELS)
+        check_int("audit.seed", self.seed, minimum=0)
 
     @property
     def num_guesses(self) -> int:
