@@ -144,16 +144,27 @@ def run_script(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
         (["client.lr=0.1,0.2"], "a sweep needs --multirun"),
     ],
 )
-def test_bad_config_on_the_command_line_is_one_line_and_exit_2(args, expected):
+def test_bad_config_on_the_command_line_is_refused_in_one_line(args, expected):
+    # Prepare: what scripts/run.py checks before Hydra starts, in-process
+    from scripts.run import check_overrides
+
     # Execute
-    result = run_script(*args)
+    with pytest.raises(ConfigError) as refused:
+        check_overrides(args)
+
+    # Assert
+    assert expected in str(refused.value)
+    assert "\n" not in str(refused.value)
+
+
+def test_a_bad_config_ends_the_script_with_one_line_and_exit_2():
+    # Execute
+    result = run_script("partition=dirichlet", "partition.alpha=-1")
 
     # Assert
     assert result.returncode == 2
     lines = [line for line in result.stderr.splitlines() if line.strip()]
-    assert len(lines) == 1, result.stderr
-    assert lines[0].startswith("config error: ")
-    assert expected in lines[0]
+    assert lines == ["config error: partition.alpha=-1: must be > 0"], result.stderr
     assert "Traceback" not in result.stdout + result.stderr
 
 
