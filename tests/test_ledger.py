@@ -89,3 +89,22 @@ def test_opacus_prv_domain_hook_is_still_what_fedpriv_overrides():
     parameters = list(inspect.signature(PRVAccountant._get_domain).parameters)
 
     assert parameters == ["self", "prvs", "num_self_compositions", "eps_error", "delta_error"]
+
+
+def test_a_budget_check_and_the_release_after_it_compute_epsilon_once(monkeypatch):
+    # Prepare: count the accountant's computations
+    from fedpriv.privacy import ledger as ledger_module
+
+    calls = []
+    compute = ledger_module.compute_epsilon
+    monkeypatch.setattr(ledger_module, "compute_epsilon", lambda *a, **k: calls.append(1) or compute(*a, **k))
+    ledger = PrivacyLedger(history=[(1.3, 0.07, 11)])
+    release = {"noise_multiplier": 1.3, "sample_rate": 0.07, "steps": 5}
+
+    # Execute: as a client does before training and for its reply
+    ledger.epsilon_if_over(max_epsilon=1e9, delta=1e-5, **release)
+    ledger.record(**release)
+    ledger.epsilon(1e-5)
+
+    # Assert
+    assert len(calls) == 1

@@ -9,6 +9,7 @@ Opacus client keeps one for itself (record-level), and resume stores both.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -66,7 +67,7 @@ class PrivacyLedger:
 
     def epsilon(self, delta: float) -> float:
         """Epsilon of everything recorded, at ``delta`` (0 without releases)."""
-        return compute_epsilon(self._history, delta=delta, accountant=self.accountant)
+        return _epsilon(tuple(self._history), delta, self.accountant)
 
     def epsilon_if_over(
         self, *, max_epsilon: float | None, delta: float, noise_multiplier: float, sample_rate: float, steps: int = 1
@@ -94,6 +95,14 @@ class PrivacyLedger:
             If the lists are missing, of different lengths, or hold an invalid entry.
         """
         self._history = history_from_lists(state)
+
+
+@functools.lru_cache(maxsize=256)
+def _epsilon(history: tuple[HistoryEntry, ...], delta: float, accountant: str) -> float:
+    # A budget check projects the very history that is recorded right after
+    # (server: before sampling, then after the round; client: before training,
+    # then for its reply): the expensive PRV computation runs once for both.
+    return compute_epsilon(history, delta=delta, accountant=accountant)
 
 
 def record_steps_all(history: Sequence[HistoryEntry]) -> list[HistoryEntry]:
