@@ -204,17 +204,35 @@ def prepare_run(nested: dict[str, Any], *, default_output_dir: str) -> tuple[Exp
     experiment = load_experiment(nested)
     if experiment.settings.resume:
         check_resumable(load_checkpoint(experiment.settings.resume), config=nested, run_dir=experiment.settings.resume)
-    build_component(experiment.strategy_config, key="strategy")
-    experiment.build_model()
+    mode = build_run_components(experiment, mode_config=nested["mode"])
     try:
         # Loads the data and partitions it once (cached for the in-process server),
         # so a missing dataset or an impossible partition fails here, in one line.
         client_examples(experiment, partition_id=0, num_partitions=experiment.settings.num_clients)
     except (OSError, ValueError) as exc:
         raise ConfigError(str(exc)) from exc
-    mode = build_component(nested["mode"], key="mode")
     check_runnable(experiment, mode=mode)
     return experiment, mode, flatten(nested)
+
+
+def build_run_components(experiment: Experiment, *, mode_config: Mapping[str, Any]) -> Any:
+    """Build once what the ServerApp and the runtime will build, so a bad value fails now.
+
+    Builds the strategy and the model (and discards them) and the mode.
+
+    Returns
+    -------
+    Any
+        The ``mode`` object that runs the experiment.
+
+    Raises
+    ------
+    ConfigError
+        Naming the first invalid key and value.
+    """
+    build_component(experiment.strategy_config, key="strategy")
+    experiment.build_model()
+    return build_component(mode_config, key="mode")
 
 
 def _resume_folder(nested: Mapping[str, Any]) -> str:

@@ -133,11 +133,8 @@ class RunRecorder:
         measured = {key: _json_value(value) for key, value in metrics.items()}
         measured.update(round=server_round, seconds=round(now - self._last_mark, 4))
         self._last_mark = now
-        published, withheld = split_public(
-            measured, public=self._public(CLIENT_LEVEL_PUBLIC_ROUND), always=ROUND_FIELDS
-        )
-        row: dict[str, Any] = dict.fromkeys(ROUND_FIELDS)
-        row.update(published)
+        published, withheld = split_public(measured, public=self._public(CLIENT_LEVEL_PUBLIC_ROUND))
+        row: dict[str, Any] = {**dict.fromkeys(ROUND_FIELDS), **published}
         if withheld:
             append_operator_record(self.output_dir, {"round": server_round, **withheld})
         self.rounds.append(row)

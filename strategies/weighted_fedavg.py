@@ -35,6 +35,7 @@ from strategies.record_privacy import RecordPrivacyTally
 
 logger = get_logger(__name__)
 
+ALL_DECLINED = "every client has declined: record-level budget spent or privacy ledger missing"
 MAX_SERVER_LR = 1e3
 MAX_WAIT_SECONDS = 1e7
 
@@ -208,7 +209,7 @@ class WeightedFedAvg(Strategy):
         connected = self.nodes.connected(grid, server_round=self._round)
         candidates = [node for node in connected if node not in self.record_privacy.declined]
         if connected and not candidates:
-            raise StopRun("privacy_budget_exhausted", "every client has declined: record-level budget spent or privacy ledger missing")
+            raise StopRun("privacy_budget_exhausted", ALL_DECLINED)
         return candidates
 
     def sample_train_nodes(self, server_round: int, grid: Grid) -> list[int]:
@@ -338,7 +339,7 @@ class WeightedFedAvg(Strategy):
         valid, rejected, declined = self.validate_train_replies(replies)
         self.record_privacy.decline(d.node_id for d in declined)
         if self.record_privacy.everyone_declined(self.nodes.known):
-            self.stop = StopRun("privacy_budget_exhausted", "every client has declined: record-level budget spent or privacy ledger missing")
+            self.stop = StopRun("privacy_budget_exhausted", ALL_DECLINED)
         weights = [r.num_examples for r in valid]
         client_metrics = weighted_metrics([r.metrics for r in valid], weights)
         metrics = {

@@ -22,8 +22,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from fedpriv.compose import compose_config
-from fedpriv.experiment import load_experiment
-from fedpriv.run_config import ConfigError, build_component
+from fedpriv.experiment import build_run_components, load_experiment
+from fedpriv.run_config import ConfigError
 from strategies import AdaptiveDPFedAvg, DPFedAvg, StopRun, WeightedFedAvg
 
 GLOBAL = {"w": np.zeros((3, 2), dtype=np.float32), "b": np.zeros(2, dtype=np.float32)}
@@ -321,10 +321,7 @@ def _keys(config, prefix=()):
 
 def _validate(config) -> None:
     """What scripts/run.py builds before a run, minus loading data."""
-    experiment = load_experiment(config)
-    build_component(experiment.strategy_config, key="strategy")
-    experiment.build_model()
-    build_component(config["mode"], key="mode")
+    build_run_components(load_experiment(config), mode_config=config["mode"])
 
 
 @pytest.mark.parametrize("base", BASES)
