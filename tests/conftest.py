@@ -21,6 +21,19 @@ from flwr.supercore.task_identity import TaskIdentity
 REPO = Path(__file__).resolve().parents[1]
 
 
+def pytest_configure(config):
+    """One torch thread per xdist worker: two workers on two cores, not four threads."""
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        import torch
+
+        torch.set_num_threads(1)
+
+
+def pytest_collection_modifyitems(items):
+    """Start the slow tests first, so their waits overlap the rest of the suite."""
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)
+
+
 @pytest.fixture(autouse=True, scope="session")
 def task_identity():
     """Messages need a task identity, which a running ServerApp would set."""
@@ -80,14 +93,17 @@ def pld_epsilon(history: Sequence[tuple[float, float, int]], *, delta: float) ->
 
 
 def run_project_script(name: str, *args: str, cwd: Path, timeout: float = 300) -> subprocess.CompletedProcess:
-    """Run ``scripts/<name>`` in a child Python that imports this checkout."""
+    """Run ``scripts/<name>`` in a child Python that imports this checkout.
+
+    ``tests/`` is on its path too, so a config may name a test's ``_target_``.
+    """
     return subprocess.run(
         [sys.executable, str(REPO / "scripts" / name), *args],
         capture_output=True,
         text=True,
         timeout=timeout,
         cwd=cwd,
-        env={**os.environ, "PYTHONPATH": str(REPO)},
+        env={**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), str(REPO / "tests")])},
     )
 
 

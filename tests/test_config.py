@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -14,6 +12,7 @@ from hypothesis import strategies as st
 from fedpriv.compose import compose_config
 from fedpriv.experiment import experiment_from_run_config, load_experiment
 from fedpriv.run_config import ConfigError, build_component, flatten, unflatten
+from conftest import run_project_script
 
 REPO = Path(__file__).resolve().parents[1]
 GROUP_OPTIONS = {
@@ -124,16 +123,6 @@ def test_bad_values_are_refused_naming_key_and_value(overrides, message):
         experiment.build_model()
 
 
-def run_script(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, str(REPO / "scripts" / "run.py"), *args],
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        cwd=REPO,
-    )
-
-
 @pytest.mark.parametrize(
     ("args", "expected"),
     [
@@ -159,7 +148,7 @@ def test_bad_config_on_the_command_line_is_refused_in_one_line(args, expected):
 
 def test_a_bad_config_ends_the_script_with_one_line_and_exit_2():
     # Execute
-    result = run_script("partition=dirichlet", "partition.alpha=-1")
+    result = run_project_script("run.py", "partition=dirichlet", "partition.alpha=-1", cwd=REPO, timeout=120)
 
     # Assert
     assert result.returncode == 2

@@ -130,6 +130,7 @@ def rounds_recorded(path: Path) -> list[dict]:
         return []
 
 
+@pytest.mark.slow
 def test_a_supernode_killed_mid_run_the_run_completes_with_the_other_two(tmp_path):
     # Prepare
     directory = tmp_path / "federation"
@@ -141,15 +142,15 @@ def test_a_supernode_killed_mid_run_the_run_completes_with_the_other_two(tmp_pat
         with open(tmp_path / "run.log", "wb") as log:
             run = subprocess.Popen(
                 [sys.executable, str(REPO / "scripts" / "run.py"), f"output_dir={out}", *fed.mode_overrides(),
-                 "num_clients=3", "num_rounds=5", "client.local_epochs=1", "round_timeout=120"],
+                 "num_clients=3", "num_rounds=3", "client.local_epochs=1", "round_timeout=120"],
                 stdout=log, stderr=subprocess.STDOUT, cwd=tmp_path, start_new_session=True,
                 env={**os.environ, "FLWR_TELEMETRY_ENABLED": "0"},
             )
         try:
-            # Execute: kill SuperNode 2 (and its SuperExec / ClientApp) once round 2 is recorded
+            # Execute: kill SuperNode 2 (and its SuperExec / ClientApp) once round 1 is recorded
             deadline = time.monotonic() + 240
-            while len(rounds_recorded(out / "results.json")) < 2:
-                assert run.poll() is None and time.monotonic() < deadline, "round 2 never came"
+            while len(rounds_recorded(out / "results.json")) < 1:
+                assert run.poll() is None and time.monotonic() < deadline, "round 1 never came"
                 time.sleep(0.25)
             victim_tree = kill_tree(fed.supernode_pids[2])
             federation._reap(fed.supernode_pids[2])
@@ -165,15 +166,15 @@ def test_a_supernode_killed_mid_run_the_run_completes_with_the_other_two(tmp_pat
         document = json.loads((out / "results.json").read_text())
         rows = document["rounds"]
         assert document["final"]["stopped_reason"] == "completed"
-        assert [row["round"] for row in rows] == [1, 2, 3, 4, 5]
+        assert [row["round"] for row in rows] == [1, 2, 3]
         counts = ("num_clients", "num_rejected", "num_available", "num_lost_nodes", "num_unreachable")
         table = [[row[k] for k in counts] for row in rows]
-        assert table[:2] == [[3, 0, 3, 0, 0]] * 2, table
-        # round 3 was in flight: sent to 3, the dead node's reply replaced by Flower's error
-        assert table[2] == [2, 0, 3, 0, 1], table
-        assert table[3:] == [[2, 0, 2, 1, 0]] * 2, table
+        assert table[0] == [3, 0, 3, 0, 0], table
+        # round 2 was in flight: sent to 3, the dead node's reply replaced by Flower's error
+        assert table[1] == [2, 0, 3, 0, 1], table
+        assert table[2] == [2, 0, 2, 1, 0], table
         with open(out / "metrics.csv", newline="") as handle:
-            assert [row["num_lost_nodes"] for row in csv.DictReader(handle)] == ["0", "0", "0", "1", "1"]
+            assert [row["num_lost_nodes"] for row in csv.DictReader(handle)] == ["0", "0", "1"]
         assert "1 node(s) lost since the last round" in output
         assert "by Flower's node-unavailable error" in output
         assert not any(federation.is_running(pid) for pid in victim_tree)

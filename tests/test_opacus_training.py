@@ -490,15 +490,17 @@ def test_gradients_are_averaged_over_the_public_expected_batch_size(monkeypatch)
     assert seen == [pytest.approx(expected), pytest.approx(expected)]
 
 
-@pytest.mark.parametrize("batch_size", [1, 16, 64])
-def test_every_dataset_size_from_1_to_400_trains(batch_size):
-    # Prepare: the RDP accountant keeps 400 fits cheap; sampling and the
+@pytest.mark.parametrize(("batch_size", "largest"), [(1, 100), (16, 400), (64, 400)])
+def test_every_dataset_size_up_to_400_trains(batch_size, largest):
+    # Prepare: the RDP accountant keeps the fits cheap; sampling and the
     # consistency check between Opacus' record and the ledger are the same.
+    # At batch size 1 a client takes about n steps, so sizes stop at 100
+    # (5,000 steps in all instead of 80,000; past K = 100 nothing new happens).
     training = _training(batch_size=batch_size, accountant="rdp")
     failed = []
 
     # Execute
-    for n in range(1, 401):
+    for n in range(1, largest + 1):
         x, y = torch.rand(n, 2), torch.randint(0, 2, (n,))
         try:
             outcome = training.fit(

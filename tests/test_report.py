@@ -4,18 +4,15 @@ from __future__ import annotations
 
 import csv
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import matplotlib.image
 import pytest
 
+from conftest import run_project_script
+
 from fedpriv import report
 from scripts.report import main as report_main
-
-REPO = Path(__file__).resolve().parents[1]
-SCRIPT = REPO / "scripts" / "report.py"
 
 NOISE, ALPHA = "strategy.noise_multiplier", "partition.alpha"
 # epsilon_user reached after 3 rounds, by noise multiplier
@@ -78,10 +75,6 @@ def read_rows(sweep: Path) -> list[dict[str, str]]:
 def assert_png(path: Path) -> None:
     assert path.is_file(), path
     assert matplotlib.image.imread(path).ndim == 3
-
-
-def run_cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, str(SCRIPT), *args], capture_output=True, text=True, timeout=120)
 
 
 def test_2x2_sweep_writes_table_and_plots(tmp_path, capsys):
@@ -252,7 +245,7 @@ def test_missing_or_empty_folder_is_one_line_and_exit_1(tmp_path, layout):
         sweep.mkdir()
 
     # Execute
-    result = run_cli(str(sweep))
+    result = run_project_script("report.py", str(sweep), cwd=tmp_path, timeout=120)
 
     # Assert
     assert result.returncode == 1

@@ -253,6 +253,7 @@ def run(cwd: Path, *overrides: str, check: bool = True) -> subprocess.CompletedP
     return result
 
 
+@pytest.mark.slow
 def test_a_resumed_private_run_keeps_every_round_and_every_epsilon(tmp_path):
     # Prepare: both DP layers, every client in every round (q = 1), so epsilons are known
     out = tmp_path / "run"

@@ -3,33 +3,24 @@
 from __future__ import annotations
 
 import csv
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import matplotlib.image
 
-REPO = Path(__file__).resolve().parents[1]
+from conftest import run_project_script
 
 
 def test_two_by_two_sweep_with_failing_jobs_ends_in_a_report(tmp_path):
     # Prepare: a 2 x 2 sweep in which num_clients=5000 is an impossible partition
     # (digits has 1,438 training examples): two jobs fail, two run.
     sweep = tmp_path / "sweep"
-    command = [
-        sys.executable, str(REPO / "scripts" / "run.py"), "-m",
-        "strategy=dp_fixed", "strategy.noise_multiplier=0.5,2.0", "num_clients=3,5000",
+    overrides = [
+        "-m", "strategy=dp_fixed", "strategy.noise_multiplier=0.5,2.0", "num_clients=3,5000",
         "num_rounds=1", "client.local_epochs=1", f"hydra.sweep.dir={sweep}",
     ]
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
 
     # Execute
-    sweep_run = subprocess.run(command, capture_output=True, text=True, timeout=600, cwd=tmp_path, env=env)
-    report_run = subprocess.run(
-        [sys.executable, str(REPO / "scripts" / "report.py"), str(sweep)],
-        capture_output=True, text=True, timeout=120, cwd=tmp_path, env=env,
-    )
+    sweep_run = run_project_script("run.py", *overrides, cwd=tmp_path, timeout=600)
+    report_run = run_project_script("report.py", str(sweep), cwd=tmp_path, timeout=120)
 
     # Assert: the sweep went on past the failures, and says so in its exit code
     assert sweep_run.returncode == 3, sweep_run.stderr[-2000:]
