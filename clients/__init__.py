@@ -1,6 +1,8 @@
 """Client side of fedpriv: the ClientApp and its training procedures."""
 
-from clients.opacus_training import OpacusTraining, PrivacyBudgetExhausted
+from clients.local_dp import LocalDPTraining
+from clients.opacus_training import OpacusTraining
 from clients.plain import PlainTraining, TrainOutcome
+from clients.privacy_state import PrivacyBudgetExhausted
 
-__all__ = ["OpacusTraining", "PlainTraining", "PrivacyBudgetExhausted", "TrainOutcome"]
+__all__ = ["LocalDPTraining", "OpacusTraining", "PlainTraining", "PrivacyBudgetExhausted", "TrainOutcome"]

@@ -13,7 +13,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Error, Message, MetricR
 from flwr.clientapp import ClientApp
 
 from clients.node_state import node_state_path, restore_node_state, save_node_state
-from clients.opacus_training import STATE_KEY, PrivacyBudgetExhausted
+from clients.privacy_state import STATE_KEY, PrivacyBudgetExhausted
 from fedpriv.experiment import client_examples, experiment_from_run_config
 from fedpriv.logs import get_logger
 from fedpriv.protocol import DECLINE_REASON_KEY, DECLINED_KEY, LEDGER_KEY, RESUMED_KEY, ROUND_KEY, WEIGHT_KEY
@@ -126,8 +126,7 @@ def train(msg: Message, context: Context) -> Message:
         if state_path is not None:
             # A first round's count release is accounted even when declining.
             save_node_state(context.state, state_path)
-        privacy = {"epsilon": exhausted.epsilon, "delta": exhausted.delta}
-        return _decline_reply(msg, reason=str(exhausted), privacy=privacy)
+        return _decline_reply(msg, reason=str(exhausted), privacy=exhausted.reply_metrics())
     except (RuntimeError, ValueError) as exc:
         return _error_reply(msg, code=TRAIN_ERROR, reason=f"local training failed: {exc}")
     if state_path is not None:
@@ -156,7 +155,7 @@ def evaluate(msg: Message, context: Context) -> Message:
         return _error_reply(
             msg,
             code=EVALUATE_REFUSED,
-            reason="a record-level private client does not release exact evaluation metrics",
+            reason="a private client (record-level or local DP) does not release exact evaluation metrics",
         )
     loss, accuracy = evaluate_model(model, x, y)
     metrics = {WEIGHT_KEY: len(y), "eval_loss": loss, "eval_accuracy": accuracy}

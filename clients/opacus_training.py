@@ -44,6 +44,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from torch.utils.data._utils.collate import default_collate
 
 from clients.plain import TrainOutcome, check_training_settings
+from clients.privacy_state import STATE_KEY, PrivacyBudgetExhausted
 from fedpriv.checks import check_choice, check_delta, check_noise_multiplier, check_real
 from fedpriv.logs import get_logger
 from fedpriv.opacus_logging import opacus_logging_contained
@@ -53,9 +54,6 @@ logger = get_logger(__name__)
 
 GRAD_SAMPLE_MODES = ("hooks", "functorch", "ew", "ghost")
 """Opacus per-sample-gradient implementations that train fedpriv's models."""
-
-STATE_KEY = "fedpriv.privacy"
-"""Key of the ``ConfigRecord`` in the node state that holds the accountant history."""
 
 DEFAULT_TARGET_DELTA = 1e-5
 """Upper end of the default ``target_delta``; see :class:`OpacusTraining`."""
@@ -76,38 +74,6 @@ _MAX_COUNT_NOISE = 1e6
 # Opacus logs this when a pass starts with an empty Poisson batch, which
 # _stage_empty_batch handles.
 _IGNORED_LOG_PREFIX = "First batch is empty"
-
-
-class PrivacyBudgetExhausted(RuntimeError):
-    """Training this round would take the client past its record-level budget.
-
-    Raised before any training; the node state changes only by the count
-    release of a first round, which the decision depends on.
-
-    Parameters
-    ----------
-    epsilon : float
-        Epsilon the client has spent so far.
-    projected_epsilon : float
-        Epsilon the client would reach by training this round.
-    delta : float
-        The client's target delta.
-    max_epsilon : float
-        The client's budget.
-    """
-
-    def __init__(
-        self, *, epsilon: float, projected_epsilon: float, delta: float, max_epsilon: float
-    ) -> None:
-        super().__init__(
-            f"client.max_epsilon={max_epsilon}: training this round would reach "
-            f"epsilon={projected_epsilon:.4g} (delta={delta:.3g}); spent so far "
-            f"epsilon={epsilon:.4g}"
-        )
-        self.epsilon = epsilon
-        self.projected_epsilon = projected_epsilon
-        self.delta = delta
-        self.max_epsilon = max_epsilon
 
 
 @contextlib.contextmanager
@@ -310,6 +276,8 @@ class OpacusTraining:
 
     private: ClassVar[bool] = True
     """Replies are record-level DP: no exact statistic may leave the client."""
+
+    privacy_level: ClassVar[str | None] = "record"
 
     local_epochs: int = 1
     batch_size: int = 32

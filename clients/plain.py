@@ -79,6 +79,9 @@ class PlainTraining:
     private: ClassVar[bool] = False
     """Replies carry exact statistics (loss, example count)."""
 
+    privacy_level: ClassVar[str | None] = None
+    """Which DP the client's replies have: ``None``, ``record`` (DP-SGD) or ``local``."""
+
     local_epochs: int = 5
     batch_size: int = 16
     optimizer: str = "sgd"

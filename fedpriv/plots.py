@@ -48,7 +48,12 @@ def plot_rounds(rows: Sequence[dict[str, Any]], *, output_dir: Path) -> list[Pat
         "accuracy.png": ({"test_accuracy": "server test accuracy"}, "accuracy", "Global model accuracy"),
         "loss.png": ({"train_loss": "client train loss", "test_loss": "server test loss"}, "loss", "Loss"),
         "epsilon.png": (
-            {"epsilon_user": "client-level epsilon", "epsilon_record_max": "record-level epsilon (max client)"},
+            {
+                "epsilon_user": "client-level epsilon",
+                "epsilon_record_max": "record-level epsilon (max client)",
+                "epsilon_local_max": "local epsilon, PLD (max client)",
+                "epsilon_local_basic_max": "local epsilon, basic composition (max client)",
+            },
             "epsilon spent",
             "Privacy spent",
         ),

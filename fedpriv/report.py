@@ -39,6 +39,7 @@ METRIC_COLUMNS = (
     "test_accuracy",
     "epsilon_user",
     "epsilon_record_max",
+    "epsilon_local_max",
     "rounds_completed",
     "stopped_reason",
     "seconds",
@@ -48,6 +49,7 @@ METRIC_COLUMNS = (
 EPSILON_LABELS = {
     "epsilon_user": "client-level epsilon (epsilon_user)",
     "epsilon_record_max": "record-level epsilon, max over clients (epsilon_record_max)",
+    "epsilon_local_max": "local epsilon, max over clients (epsilon_local_max)",
 }
 
 
@@ -238,7 +240,7 @@ def summary_rows(jobs: Sequence[Job], swept: Sequence[str]) -> list[dict[str, An
         row.update(dict.fromkeys(METRIC_COLUMNS))
         if job.results:
             source = job.final or (job.rounds[-1] if job.rounds else {})
-            for key in ("test_accuracy", "epsilon_user", "epsilon_record_max"):
+            for key in ("test_accuracy", *EPSILON_LABELS):
                 row[key] = source.get(key)
             row["rounds_completed"] = job.final["rounds_completed"] if job.final else len(job.rounds)
             row["stopped_reason"] = job.final["stopped_reason"] if job.final else None
@@ -298,9 +300,10 @@ def _label(job: Job, keys: Sequence[str]) -> str:
 def epsilon_metric(jobs: Sequence[Job]) -> str | None:
     """The epsilon to plot: ``epsilon_user`` if any finished job has a finite one.
 
-    Else ``epsilon_record_max`` if any has that, else None (no private job).
+    Else ``epsilon_record_max``, then ``epsilon_local_max``, if any has that;
+    else None (no private job).
     """
-    for metric in ("epsilon_user", "epsilon_record_max"):
+    for metric in EPSILON_LABELS:
         if any(job.final and _finite(job.final.get(metric)) for job in jobs):
             return metric
     return None

@@ -39,10 +39,17 @@ ROUND_FIELDS = (
     "test_accuracy",
     "epsilon_user",
     "epsilon_record_max",
+    "epsilon_local_max",
     "clipping_norm",
     "noise_std",
 )
 STOPPED_REASONS = ("completed", "privacy_budget_exhausted", "diverged")
+PRIVACY_PAIRS = (
+    ("epsilon_user", "delta_user"),
+    ("epsilon_record_max", "delta_record"),
+    ("epsilon_local_max", "delta_local"),
+)
+"""The epsilons a run reports (client-level, record-level, local) with their deltas."""
 
 
 def _json_value(value: Any) -> Any:
@@ -265,7 +272,7 @@ def final_summary(final: Mapping[str, Any]) -> str:
         f"{final.get('rounds_completed')} rounds ({final.get('stopped_reason')})",
         f"test accuracy {final['test_accuracy']:.4f}" if final.get("test_accuracy") is not None else "",
     ]
-    for epsilon, delta in (("epsilon_user", "delta_user"), ("epsilon_record_max", "delta_record")):
+    for epsilon, delta in PRIVACY_PAIRS:
         if final.get(epsilon) is not None:
             parts.append(f"{epsilon} {final[epsilon]:.3g} (delta {final[delta]:.3g})")
     return ", ".join(part for part in parts if part)

@@ -136,8 +136,8 @@ def parse_decline(msg: Message) -> MetricsReply | None:
     )
 
 
-def reported_privacy(msg: Message) -> dict[str, float]:
-    """The ``epsilon`` and ``delta`` a reply reports, read leniently.
+def reported_privacy(msg: Message, *, privacy_keys: Sequence[str]) -> dict[str, float]:
+    """The privacy a reply reports under ``privacy_keys`` (``epsilon``, ``delta``, ...), read leniently.
 
     For replies that are rejected for other reasons: whatever privacy they say
     was spent still counts. Values that are not finite positive numbers are
@@ -147,11 +147,11 @@ def reported_privacy(msg: Message) -> dict[str, float]:
         return {}
     found: dict[str, float] = {}
     for record in msg.content.metric_records.values():
-        for key in ("epsilon", "delta"):
+        for key in privacy_keys:
             value = record.get(key)
             if _is_number(value) and math.isfinite(value) and value > 0:
                 found[key] = max(found.get(key, 0.0), float(value))
-    return found if "epsilon" in found else {}
+    return found
 
 
 def parse_train_reply(msg: Message, *, spec: ArraySpec) -> TrainReply:

@@ -34,7 +34,7 @@ from strategies.weighted_fedavg import StopRun, WeightedFedAvg
 logger = get_logger(__name__)
 
 app = ServerApp()
-PRIVACY_LOG_FIELDS = ("epsilon_user", "epsilon_record_max", "noise_std", "clipping_norm")
+PRIVACY_LOG_FIELDS = ("epsilon_user", "epsilon_record_max", "epsilon_local_max", "noise_std", "clipping_norm")
 SEED_KEYS = ("sampling_seed", "noise_seed")
 
 
@@ -88,7 +88,8 @@ def privacy_section(experiment: Experiment, strategy: WeightedFedAvg) -> dict[st
     )
     return {
         "client_level": strategy.client_level_private,
-        "record_level": bool(getattr(experiment.client, "private", False)),
+        "record_level": experiment.client.privacy_level == "record",
+        "local": experiment.client.privacy_level == "local",
         "seeded_noise": seeded,
         "guarantee_void": seeded,
     }

@@ -31,7 +31,7 @@ from strategies.aggregation import (
     weighted_metrics,
 )
 from strategies.nodes import NodeTracker
-from strategies.record_privacy import RecordPrivacyTally
+from strategies.client_privacy import REPLY_PRIVACY_KEYS, ClientPrivacyTally
 
 logger = get_logger(__name__)
 
@@ -64,10 +64,12 @@ class WeightedFedAvg(Strategy):
     ``min_valid_replies`` valid replies the previous model is kept.
 
     Clients that train with record-level DP report their cumulative
-    ``epsilon`` and ``delta``; the strategy reports the largest and the mean
-    over clients as ``epsilon_record_max`` / ``epsilon_record_mean``, counting
-    the epsilon that rejected and declined replies report too (their privacy
-    was spent all the same). A client
+    ``epsilon`` and ``delta``, local-DP clients ``epsilon_local`` and
+    ``delta_local``; the strategy reports the largest and the mean over
+    clients as ``epsilon_record_max`` / ``epsilon_record_mean`` and
+    ``epsilon_local_max`` / ``epsilon_local_mean``, counting the epsilon that
+    rejected and declined replies report too (their privacy was spent all the
+    same). A client
     over its budget declines (counted in ``num_declined``) and is not sampled
     again; once every node has declined the run stops with
     ``privacy_budget_exhausted``.
@@ -169,7 +171,7 @@ class WeightedFedAvg(Strategy):
         self._revert_to: ArrayRecord | None = None  # set when that round's result is rejected
         self.train_metrics: dict[int, dict[str, float]] = {}
         self.stop: StopRun | None = None
-        self.record_privacy = RecordPrivacyTally()
+        self.client_privacy = ClientPrivacyTally()
         self.nodes = NodeTracker(min_available_nodes=min_available_nodes, wait_seconds=node_wait_seconds)
         self.completed_rounds = 0  # before this process: a resumed run goes on after them
         self._round_nodes: dict[int, dict[str, int]] = {}  # per round, from configure_train
@@ -207,7 +209,7 @@ class WeightedFedAvg(Strategy):
             When every connected node has declined.
         """
         connected = self.nodes.connected(grid, server_round=self._round)
-        candidates = [node for node in connected if node not in self.record_privacy.declined]
+        candidates = [node for node in connected if node not in self.client_privacy.declined]
         if connected and not candidates:
             raise StopRun("privacy_budget_exhausted", ALL_DECLINED)
         return candidates
@@ -268,7 +270,7 @@ class WeightedFedAvg(Strategy):
         """Parse replies into valid ones, a count of rejected ones, and declines.
 
         The privacy a rejected reply reports (``epsilon``, ``delta``) is kept in
-        the record-level tally: the client spent it even though its model is
+        the client privacy tally: the client spent it even though its model is
         not used.
         """
         valid, rejected, declined = [], 0, []
@@ -283,9 +285,9 @@ class WeightedFedAvg(Strategy):
             except RejectedReply as exc:
                 rejected += 1
                 logger.warning("rejected reply: %s", exc)
-                spent = reported_privacy(msg)
+                spent = reported_privacy(msg, privacy_keys=REPLY_PRIVACY_KEYS)
                 if spent:
-                    self.record_privacy.track(
+                    self.client_privacy.track(
                         [MetricsReply(node_id=msg.metadata.src_node_id, num_examples=1.0, metrics=spent)]
                     )
         return valid, rejected, declined
@@ -337,8 +339,8 @@ class WeightedFedAvg(Strategy):
         elif unavailable:
             nodes["num_unreachable"] = unavailable
         valid, rejected, declined = self.validate_train_replies(replies)
-        self.record_privacy.decline(d.node_id for d in declined)
-        if self.record_privacy.everyone_declined(self.nodes.known):
+        self.client_privacy.decline(d.node_id for d in declined)
+        if self.client_privacy.everyone_declined(self.nodes.known):
             self.stop = StopRun("privacy_budget_exhausted", ALL_DECLINED)
         weights = [r.num_examples for r in valid]
         client_metrics = weighted_metrics([r.metrics for r in valid], weights)
@@ -348,7 +350,7 @@ class WeightedFedAvg(Strategy):
             "num_declined": len(declined),
             "train_loss": client_metrics.pop("train_loss", None),
             **{f"client_{key}": value for key, value in client_metrics.items()},
-            **self.record_privacy.track([*valid, *declined]),
+            **self.client_privacy.track([*valid, *declined]),
             **nodes,
         }
         arrays = None
@@ -405,11 +407,11 @@ class WeightedFedAvg(Strategy):
 
     def privacy_summary(self) -> dict[str, float | None]:
         """Privacy spent by the whole run; ``None`` where that kind of privacy is off."""
-        return {"epsilon_user": None, "delta_user": None, **self.record_privacy.summary()}
+        return {"epsilon_user": None, "delta_user": None, **self.client_privacy.summary()}
 
     def resume_state(self) -> dict[str, Any]:
         """What a checkpoint keeps so that :meth:`restore` can go on after this round."""
-        return self.record_privacy.state()
+        return self.client_privacy.state()
 
     def run_round(self, flower_round: int) -> int:
         """The run's number of Flower's round ``flower_round`` (Flower counts from 1 in every process).
@@ -424,7 +426,7 @@ class WeightedFedAvg(Strategy):
         if isinstance(completed_rounds, bool) or not isinstance(completed_rounds, int) or completed_rounds < 0:
             raise ValueError(f"completed_rounds={completed_rounds!r}: must be an integer >= 0")
         self.completed_rounds = completed_rounds
-        self.record_privacy.restore(state)
+        self.client_privacy.restore(state)
 
     def configure_evaluate(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid

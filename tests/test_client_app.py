@@ -7,7 +7,7 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, RecordDict
 
 from clients import client_app
-from clients.opacus_training import STATE_KEY
+from clients.privacy_state import STATE_KEY
 from fedpriv.compose import compose_config
 from fedpriv.experiment import client_examples, load_experiment
 from fedpriv.protocol import DECLINE_REASON_KEY, DECLINED_KEY, RESUMED_KEY

@@ -8,6 +8,7 @@ import subprocess
 from pathlib import Path
 
 import matplotlib.image
+import pytest
 import torch
 
 from conftest import operator_records, run_project_script
@@ -69,7 +70,7 @@ def test_simulation_writes_the_results_contract_and_rejects_malformed_replies(tm
         assert final[field] is None
     assert document["timing"]["total_seconds"] > 0
     assert document["privacy"] == {
-        "client_level": False, "record_level": False, "seeded_noise": False, "guarantee_void": False
+        "client_level": False, "record_level": False, "local": False, "seeded_noise": False, "guarantee_void": False
     }
     assert not (out / OPERATOR_FILE).exists()
 
@@ -218,3 +219,32 @@ def test_a_config_that_cannot_run_is_refused_before_anything_starts(tmp_path):
         f"config error: output_dir='{blocker}/run': {blocker} is a file, not a folder"
     ]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a-file"]
+
+
+def test_a_local_dp_run_reports_its_composed_epsilon_and_stops_when_every_client_declines(tmp_path):
+    # Prepare: epsilon 1 a round under a budget of 2.5: two rounds, then every client declines
+    from fedpriv.privacy.laplace_accounting import laplace_epsilon
+
+    overrides = [
+        "client=local_dp", "dataset=breast_cancer", "model=logreg", "num_clients=3", "num_rounds=4",
+        "client.epsilon_per_round=1.0", "client.max_epsilon=2.5",
+    ]
+    after = [laplace_epsilon([(1.0, 1.0, k)], delta=1e-5) for k in (1, 2)]
+
+    # Execute
+    _, out = run(tmp_path, *overrides)
+
+    # Assert: the local epsilon grows with every round a client released in, by both bounds
+    document = json.loads((out / "results.json").read_text())
+    assert document["privacy"]["local"] and not document["privacy"]["record_level"]
+    rounds = document["rounds"]
+    assert [row["epsilon_local_max"] for row in rounds] == pytest.approx([after[0], after[1], after[1]])
+    assert [row["epsilon_local_basic_max"] for row in rounds] == [1.0, 2.0, 2.0]
+    assert [row["num_clients"] for row in rounds] == [3, 3, 0]
+    assert [row["num_declined"] for row in rounds] == [0, 0, 3]
+    assert all(row["train_loss"] is None for row in rounds)  # a local-DP reply carries no loss
+    final = document["final"]
+    assert final["stopped_reason"] == "privacy_budget_exhausted"
+    assert final["epsilon_local_max"] == pytest.approx(after[1])
+    assert (final["delta_local"], final["epsilon_local_basic_max"]) == (1e-5, 2.0)
+    assert matplotlib.image.imread(out / "epsilon.png").ndim == 3

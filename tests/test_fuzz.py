@@ -251,6 +251,7 @@ BASES = {
     "dp_fixed": ["strategy=dp_fixed"],
     "dp_adaptive": ["strategy=dp_adaptive"],
     "opacus": ["client=opacus"],
+    "local_dp": ["client=local_dp", "dataset=breast_cancer", "model=logreg"],
     "mnist": ["dataset=mnist", "model=cnn28"],
     "cifar10": ["dataset=cifar10", "model=cnn32"],
     "breast_cancer": ["dataset=breast_cancer", "model=logreg"],
@@ -305,8 +306,10 @@ ACCEPTED = {
     "strategy.weighted": {"bool"},
 }
 # With DP on either side, federated evaluation at any rate is refused.
-PRIVATE_BASES = {"dp_fixed", "dp_adaptive", "opacus", "canary"}
+PRIVATE_BASES = {"dp_fixed", "dp_adaptive", "opacus", "canary", "local_dp"}
 REFUSED_WHEN_PRIVATE = {("strategy.fraction_evaluate", "tiny")}
+# Opacus takes noise_multiplier=0 (audits); local DP always adds noise.
+REFUSED_IN_BASE = {"local_dp": {("client.noise_multiplier", "zero")}}
 
 
 def _keys(config, prefix=()):
@@ -350,7 +353,7 @@ def test_every_config_key_refuses_bad_values_in_one_line_naming_the_key(base):
 
     # Assert
     def expected(case) -> str:
-        if base in PRIVATE_BASES and case in REFUSED_WHEN_PRIVATE:
+        if base in PRIVATE_BASES and case in REFUSED_WHEN_PRIVATE or case in REFUSED_IN_BASE.get(base, set()):
             return "refused"
         return "accepted" if case[1] in ACCEPTED.get(case[0], set()) else "refused"
 

@@ -17,14 +17,8 @@ from flwr.app import RecordDict
 from torch import nn
 
 from clients import opacus_training
-from clients.opacus_training import (
-    GRAD_SAMPLE_MODES,
-    STATE_KEY,
-    OpacusTraining,
-    PrivacyBudgetExhausted,
-    poisson_batches,
-    poisson_loader,
-)
+from clients.opacus_training import GRAD_SAMPLE_MODES, OpacusTraining, poisson_batches, poisson_loader
+from clients.privacy_state import STATE_KEY, PrivacyBudgetExhausted
 from fedpriv.models import CNN28, CNN32, MLP, LogisticRegression
 
 REPO = Path(__file__).resolve().parents[1]

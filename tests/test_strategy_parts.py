@@ -1,4 +1,4 @@
-"""The plain objects a strategy owns: the node tracker and the record-level privacy tally."""
+"""The plain objects a strategy owns: the node tracker and the client privacy tally."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from conftest import FakeGrid
 
 from strategies.aggregation import MetricsReply
 from strategies.nodes import NodeTracker
-from strategies.record_privacy import RecordPrivacyTally
+from strategies.client_privacy import ClientPrivacyTally
 
 
 def test_the_tracker_waits_for_the_start_condition_then_goes_on_with_who_is_left():
@@ -43,7 +43,7 @@ def test_the_tracker_fails_in_one_line_when_the_start_condition_is_never_met():
 
 def test_the_tally_keeps_each_nodes_largest_epsilon_and_a_floor_across_a_resume():
     # Prepare
-    tally = RecordPrivacyTally()
+    tally = ClientPrivacyTally()
     tally.restore({"epsilon_record_max": 4.0, "delta_record": 1e-5})
 
     # Execute
@@ -57,13 +57,36 @@ def test_the_tally_keeps_each_nodes_largest_epsilon_and_a_floor_across_a_resume(
 
     # Assert
     assert metrics == {"epsilon_record_max": 4.0, "epsilon_record_mean": 2.5}
-    assert tally.summary() == {"epsilon_record_max": 4.0, "delta_record": 1e-5}
-    assert tally.state() == {"epsilon_record_max": 4.0, "delta_record": 1e-5}
+    no_local = {"epsilon_local_max": None, "delta_local": None, "epsilon_local_basic_max": None}
+    assert tally.summary() == {"epsilon_record_max": 4.0, "delta_record": 1e-5, **no_local}
+    assert tally.state() == tally.summary()
+
+
+def test_local_dp_epsilons_are_tallied_apart_from_record_level_ones_and_survive_a_resume():
+    # Prepare
+    tally = ClientPrivacyTally()
+    tally.restore({"epsilon_local_max": 1.5, "delta_local": 1e-5, "epsilon_local_basic_max": 2.0})
+    local = {"epsilon_local": 2.9, "delta_local": 1e-5, "epsilon_local_basic": 3.0}
+
+    # Execute
+    metrics = tally.track(
+        [
+            MetricsReply(node_id=1, num_examples=1.0, metrics=local),
+            MetricsReply(node_id=2, num_examples=1.0, metrics={**local, "epsilon_local": 0.9, "epsilon_local_basic": 1.0}),
+        ]
+    )
+
+    # Assert: the floor counts for the maxima, not for this run's mean
+    assert metrics == {"epsilon_local_max": 2.9, "epsilon_local_mean": 1.9, "epsilon_local_basic_max": 3.0}
+    assert tally.summary() == {
+        "epsilon_record_max": None, "delta_record": None,
+        "epsilon_local_max": 2.9, "delta_local": 1e-5, "epsilon_local_basic_max": 3.0,
+    }
 
 
 def test_the_run_ends_for_lack_of_budget_only_when_every_known_node_declined():
     # Prepare
-    tally = RecordPrivacyTally()
+    tally = ClientPrivacyTally()
 
     # Execute
     tally.decline([1, 2])

@@ -2,9 +2,12 @@
 
 Shaped like Opacus' ``IAccountant`` (a history of releases, ``state_dict`` /
 ``load_state_dict``) and Flower's ``PrivacyAccountant``: the ledger only records
-releases; the arithmetic is in :mod:`fedpriv.privacy.accounting`'s pure
-functions. Server-side DP-FedAvg keeps one for the run (client-level), each
-Opacus client keeps one for itself (record-level), and resume stores both.
+releases; the arithmetic is in the pure functions of
+:mod:`fedpriv.privacy.accounting` (Gaussian) and
+:mod:`fedpriv.privacy.laplace_accounting` (Laplace). Server-side DP-FedAvg
+keeps one for the run (client-level), each Opacus client keeps one for itself
+(record-level), each local-DP client one for its own releases, and resume
+stores them all.
 """
 
 from __future__ import annotations
@@ -22,25 +25,41 @@ from fedpriv.privacy.accounting import (
     history_to_lists,
     record_steps,
 )
+from fedpriv.privacy.laplace_accounting import laplace_basic_epsilon, laplace_epsilon
+
+MECHANISMS = ("gaussian", "laplace")
+"""What a ledger's releases are: Poisson-sampled Gaussian, or Laplace (local DP)."""
+
+LAPLACE_ACCOUNTANT = "pld"
+"""Laplace releases are composed by dp-accounting's PLD accountant."""
 
 
 class PrivacyLedger:
     """The releases one party has made, and the epsilon they add up to.
 
-    Every release is a Poisson-sampled Gaussian mechanism ``(noise_multiplier,
-    sample_rate, steps)`` under add/remove adjacency; a plain Gaussian release
-    (a noisy count) is one with ``sample_rate = 1``.
+    With ``mechanism="gaussian"`` every release is a Poisson-sampled Gaussian
+    mechanism ``(noise_multiplier, sample_rate, steps)`` under add/remove
+    adjacency; a plain Gaussian release (a noisy count) is one with
+    ``sample_rate = 1``. With ``mechanism="laplace"`` every release is a Laplace
+    mechanism whose noise multiplier is its scale over its L1 sensitivity, at
+    ``sample_rate = 1``.
 
     Parameters
     ----------
     accountant : str
-        ``prv`` (default) or ``rdp``.
+        ``prv`` (default) or ``rdp`` for Gaussian releases; ``pld`` for Laplace.
     history : sequence of (float, float, int)
         Releases already made, oldest first.
+    mechanism : str
+        ``gaussian`` (default) or ``laplace``.
     """
 
-    def __init__(self, *, accountant: str = "prv", history: Sequence[HistoryEntry] = ()) -> None:
-        self.accountant = check_choice("accountant", accountant, ACCOUNTANTS)
+    def __init__(
+        self, *, accountant: str = "prv", history: Sequence[HistoryEntry] = (), mechanism: str = "gaussian"
+    ) -> None:
+        self.mechanism = check_choice("mechanism", mechanism, MECHANISMS)
+        allowed = (LAPLACE_ACCOUNTANT,) if self.mechanism == "laplace" else ACCOUNTANTS
+        self.accountant = check_choice("accountant", accountant, allowed)
         self._history: list[HistoryEntry] = record_steps_all(history)
 
     @property
@@ -61,13 +80,20 @@ class PrivacyLedger:
 
     def after(self, *, noise_multiplier: float, sample_rate: float, steps: int = 1) -> PrivacyLedger:
         """A new ledger with these releases added; this one is unchanged."""
-        projected = PrivacyLedger(accountant=self.accountant, history=self._history)
+        projected = PrivacyLedger(accountant=self.accountant, history=self._history, mechanism=self.mechanism)
         projected.record(noise_multiplier=noise_multiplier, sample_rate=sample_rate, steps=steps)
         return projected
 
     def epsilon(self, delta: float) -> float:
         """Epsilon of everything recorded, at ``delta`` (0 without releases)."""
-        return _epsilon(tuple(self._history), delta, self.accountant)
+        return _epsilon(tuple(self._history), delta, self.accountant, self.mechanism)
+
+    def basic_epsilon(self) -> float | None:
+        """Laplace releases: the sum of their epsilons (delta 0); ``None`` for Gaussian ones.
+
+        A Gaussian mechanism has no pure-DP bound, so there is no basic composition to report.
+        """
+        return laplace_basic_epsilon(self._history) if self.mechanism == "laplace" else None
 
     def epsilon_if_over(
         self, *, max_epsilon: float | None, delta: float, noise_multiplier: float, sample_rate: float, steps: int = 1
@@ -98,10 +124,12 @@ class PrivacyLedger:
 
 
 @functools.lru_cache(maxsize=256)
-def _epsilon(history: tuple[HistoryEntry, ...], delta: float, accountant: str) -> float:
+def _epsilon(history: tuple[HistoryEntry, ...], delta: float, accountant: str, mechanism: str) -> float:
     # A budget check projects the very history that is recorded right after
     # (server: before sampling, then after the round; client: before training,
     # then for its reply): the expensive PRV computation runs once for both.
+    if mechanism == "laplace":
+        return laplace_epsilon(history, delta=delta)
     return compute_epsilon(history, delta=delta, accountant=accountant)
 
 

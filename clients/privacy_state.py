@@ -1,0 +1,54 @@
+"""What every private client keeps and says about its budget.
+
+A private client (record-level DP-SGD or local DP) keeps its privacy ledger in
+the node's persistent state under :data:`STATE_KEY`, and declines a round that
+would take it past its budget by raising :class:`PrivacyBudgetExhausted`.
+"""
+
+from __future__ import annotations
+
+STATE_KEY = "fedpriv.privacy"
+"""Key of the ``ConfigRecord`` in the node state that holds the client's ledger."""
+
+REPLY_KEYS = {"record": ("epsilon", "delta"), "local": ("epsilon_local", "delta_local")}
+"""The reply metrics in which a client of each privacy level reports its epsilon and delta."""
+
+
+class PrivacyBudgetExhausted(RuntimeError):
+    """Training this round would take the client past its budget.
+
+    Raised before any training; the node state changes only by a release the
+    decision depends on (the record-level client's first count release).
+
+    Parameters
+    ----------
+    epsilon : float
+        Epsilon the client has spent so far.
+    projected_epsilon : float
+        Epsilon the client would reach by training this round.
+    delta : float
+        The client's target delta.
+    max_epsilon : float
+        The client's budget.
+    level : str
+        ``record`` (DP-SGD) or ``local`` (local DP): which reply keys carry the epsilon.
+    """
+
+    def __init__(
+        self, *, epsilon: float, projected_epsilon: float, delta: float, max_epsilon: float, level: str = "record"
+    ) -> None:
+        super().__init__(
+            f"client.max_epsilon={max_epsilon}: training this round would reach "
+            f"epsilon={projected_epsilon:.4g} (delta={delta:.3g}); spent so far "
+            f"epsilon={epsilon:.4g}"
+        )
+        self.epsilon = epsilon
+        self.projected_epsilon = projected_epsilon
+        self.delta = delta
+        self.max_epsilon = max_epsilon
+        self.level = level
+
+    def reply_metrics(self) -> dict[str, float]:
+        """The privacy spent so far, under the reply keys of the client's level."""
+        epsilon_key, delta_key = REPLY_KEYS[self.level]
+        return {epsilon_key: self.epsilon, delta_key: self.delta}
