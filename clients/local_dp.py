@@ -34,8 +34,6 @@ from clients.plain import PlainTraining, TrainOutcome
 from clients.privacy_state import STATE_KEY, PrivacyBudgetExhausted
 from fedpriv.checks import check_choice, check_delta, check_real
 from fedpriv.logs import get_logger
-from fedpriv.privacy.ledger import LAPLACE_ACCOUNTANT, PrivacyLedger
-from fedpriv.privacy.local_dp import clip_l1, clip_l2, gaussian_mechanism, laplace_mechanism
 
 logger = get_logger(__name__)
 
@@ -106,8 +104,12 @@ class LocalDPTraining(PlainTraining):
         """One release's noise over its sensitivity ``2 C``, as the ledger records it."""
         return 1.0 / self.epsilon_per_round if self.mechanism == "laplace" else self.noise_multiplier
 
-    def new_ledger(self) -> PrivacyLedger:
-        """An empty ledger for this client's mechanism."""
+    def new_ledger(self):
+        """An empty :class:`fedpriv.privacy.PrivacyLedger` for this client's mechanism."""
+        # fedpriv.privacy imports Opacus (over a second, and logging side effects):
+        # only when a client trains, as in clients/opacus_training.py.
+        from fedpriv.privacy.ledger import LAPLACE_ACCOUNTANT, PrivacyLedger
+
         if self.mechanism == "laplace":
             return PrivacyLedger(accountant=LAPLACE_ACCOUNTANT, mechanism="laplace")
         return PrivacyLedger(accountant="prv", mechanism="gaussian")
@@ -193,6 +195,8 @@ class LocalDPTraining(PlainTraining):
 
     def privatize(self, update: list[np.ndarray], *, rng: np.random.Generator) -> list[np.ndarray]:
         """Clip ``update`` and add this client's noise (a new list; ``update`` is untouched)."""
+        from fedpriv.privacy.local_dp import clip_l1, clip_l2, gaussian_mechanism, laplace_mechanism
+
         sensitivity = 2 * self.clipping_norm
         if self.mechanism == "laplace":
             clipped, _ = clip_l1(update, max_norm=self.clipping_norm)

@@ -18,7 +18,11 @@ load from other processes on the machine affects both sides alike:
    and 100 clients;
 6. scale: seconds per round with 10 clients sampled out of 100 to 10,000;
 7. utility (full mode, needs ``--mnist-root``): test accuracy without privacy,
-   with record-level DP at several epsilons and with client-level DP.
+   with record-level DP at several epsilons and with client-level DP;
+8. local_dp (quick and full): test accuracy of logistic regression with local
+   DP (``client=local_dp``) over ``client.epsilon_per_round``, next to central
+   DP (``strategy=dp_fixed``) at the same total epsilon, on breast cancer and
+   digits; a plot goes next to ``--out``. ``--only local_dp`` runs it alone.
 
 The workload is MNIST-8k (the MNIST test file, 8,000 images for the clients,
 2,000 held out; CNN) with ``--mnist-root``, else scikit-learn's digits (MLP).
@@ -61,6 +65,7 @@ from clients.plain import PlainTraining  # noqa: E402
 from fedpriv.models import CNN28, MLP  # noqa: E402
 
 FLOWER_APPS = ("+mode.server_app=bench_apps:server_app", "+mode.client_app=bench_apps:client_app")
+SECTIONS = ("overhead", "dp_step", "accounting", "flower", "scale", "memory", "utility", "local_dp")
 SAMPLED_PER_ROUND = 10
 
 
@@ -89,6 +94,8 @@ class Sizes:
         Run section 2.
     utility : bool
         Run section 7.
+    local_dp_repeats : int
+        Runs per point of section 8 (0: skip it).
     """
 
     clients: int
@@ -101,6 +108,7 @@ class Sizes:
     accounting_steps: int
     flower: bool
     utility: bool
+    local_dp_repeats: int
 
 
 SIZES = {
@@ -115,6 +123,7 @@ SIZES = {
         accounting_steps=10,
         flower=False,
         utility=False,
+        local_dp_repeats=0,
     ),
     "quick": Sizes(
         clients=10,
@@ -127,6 +136,7 @@ SIZES = {
         accounting_steps=500,
         flower=True,
         utility=False,
+        local_dp_repeats=1,
     ),
     "full": Sizes(
         clients=10,
@@ -139,6 +149,7 @@ SIZES = {
         accounting_steps=500,
         flower=True,
         utility=True,
+        local_dp_repeats=3,
     ),
 }
 
@@ -631,6 +642,39 @@ def bench_accounting(*, sizes: Sizes) -> dict[str, Any]:
     flower = flower_no_amplification_epsilon(noise_multiplier=1.0, sampled=10, population=100, rounds=100, delta=delta)
     user = rows["server_dp_fedavg"]["fedpriv_epsilon"]
     rows["against_flower"] = {"fedpriv_epsilon_user": user, "flower_epsilon": flower, "ratio": user / flower}
+    rows["local_dp_against_flower"] = local_dp_against_flower(epsilon_per_round=1.0, delta=delta)
+    return rows
+
+
+def local_dp_against_flower(*, epsilon_per_round: float, delta: float, rounds=(10, 50)) -> dict[str, Any]:
+    """Local DP over ``rounds``: what Flower's ``LocalDpMod`` reports, what its releases spend, and fedpriv.
+
+    ``LocalDpMod(clipping_norm=C, sensitivity=C, epsilon, delta)`` adds Gaussian
+    noise of std ``C * sqrt(2 ln(1.25 / delta)) / epsilon`` every round and
+    logs that round's ``(epsilon, delta)``; nothing composes them. Under local
+    DP (any two updates, which clipping to ``C`` puts ``2 C`` apart) its
+    releases are Gaussian with noise multiplier ``std / 2C``, composed here by
+    dp-accounting's PLD accountant. fedpriv's ``client=local_dp`` at the same
+    per-round epsilon: Laplace, basic composition and PLD (from its ledger).
+    """
+    import dp_accounting
+
+    from fedpriv.privacy.laplace_accounting import laplace_basic_epsilon, laplace_epsilon
+
+    clipping_norm = 1.0
+    flower_std = clipping_norm * math.sqrt(2 * math.log(1.25 / delta)) / epsilon_per_round
+    noise_multiplier = flower_std / (2 * clipping_norm)
+    rows: dict[str, Any] = {"epsilon_per_round": epsilon_per_round, "delta": delta, "flower_noise_multiplier": noise_multiplier}
+    for k in rounds:
+        accountant = dp_accounting.pld.PLDAccountant(neighboring_relation=dp_accounting.NeighboringRelation.REPLACE_ONE)
+        accountant.compose(dp_accounting.GaussianDpEvent(noise_multiplier), k)
+        history = [(1.0 / epsilon_per_round, 1.0, k)]
+        rows[f"{k}_rounds"] = {
+            "flower_reported_epsilon": epsilon_per_round,
+            "flower_true_epsilon": accountant.get_epsilon(delta),
+            "fedpriv_basic_epsilon": laplace_basic_epsilon(history),
+            "fedpriv_pld_epsilon": laplace_epsilon(history, delta=delta),
+        }
     return rows
 
 
@@ -721,6 +765,80 @@ def bench_utility(workload: list[str], *, work_dir: Path) -> dict[str, Any]:
     return rows
 
 
+# --- section 8: local DP against central DP --------------------------------------------------
+
+LOCAL_DP_DATASETS = {"breast_cancer": ["dataset=breast_cancer"], "digits": ["dataset=digits"]}
+LOCAL_DP_EPSILONS = (1.0, 3.0, 10.0)
+LOCAL_DP_CLIENTS, LOCAL_DP_ROUNDS, LOCAL_DP_DELTA = 10, 10, 1e-5
+
+
+def bench_local_dp(*, repeats: int, work_dir: Path, plot_path: Path) -> dict[str, Any]:
+    """Section 8: local DP at each per-round epsilon, central DP at the total epsilon it reaches.
+
+    Logistic regression, 10 clients, 10 rounds, every client in every round.
+    The local runs report ``epsilon_local_max`` (PLD, delta 1e-5); the central
+    run's noise multiplier is solved so that its ``epsilon_user`` after the
+    same rounds is at most that. Mean test accuracy over ``repeats`` runs.
+    """
+    from fedpriv.privacy.accounting import solve_noise_multiplier
+
+    base = ["model=logreg", f"num_clients={LOCAL_DP_CLIENTS}", f"num_rounds={LOCAL_DP_ROUNDS}"]
+    rows: dict[str, Any] = {}
+    for dataset, extra in LOCAL_DP_DATASETS.items():
+        def accuracy(name: str, overrides: list[str]) -> tuple[float, dict]:
+            finals = [
+                run_federation([*base, *extra, *overrides], out_dir=work_dir / f"local_dp_{dataset}_{name}_{i}")["results"]["final"]
+                for i in range(repeats)
+            ]
+            return statistics.mean(f["test_accuracy"] for f in finals), finals[-1]
+
+        plain, _ = accuracy("plain", ["client.local_epochs=1"])
+        points = []
+        for epsilon in LOCAL_DP_EPSILONS:
+            local, final = accuracy(f"local{epsilon:g}", ["client=local_dp", f"client.epsilon_per_round={epsilon}"])
+            total = final["epsilon_local_max"]
+            z = solve_noise_multiplier(target_epsilon=total, delta=LOCAL_DP_DELTA, sample_rate=1.0, steps=LOCAL_DP_ROUNDS)
+            central, final = accuracy(
+                f"central{epsilon:g}",
+                ["client.local_epochs=1", "strategy=dp_fixed", f"strategy.noise_multiplier={z}"],
+            )
+            points.append({
+                "epsilon_per_round": epsilon,
+                "total_epsilon": total,
+                "local_accuracy": local,
+                "central_noise_multiplier": z,
+                "central_epsilon_user": final["epsilon_user"],
+                "central_accuracy": central,
+            })
+        rows[dataset] = {"non_private_accuracy": plain, "points": points}
+    _plot_local_dp(rows, path=plot_path)
+    rows["plot"] = str(plot_path)
+    return rows
+
+
+def _plot_local_dp(rows: dict[str, Any], *, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(rows), figsize=(5 * len(rows), 3.8), squeeze=False)
+    for ax, (dataset, row) in zip(axes[0], rows.items(), strict=True):
+        totals = [p["total_epsilon"] for p in row["points"]]
+        ax.plot(totals, [p["local_accuracy"] for p in row["points"]], "o-", label="local DP (client=local_dp)")
+        ax.plot(totals, [p["central_accuracy"] for p in row["points"]], "s-", label="central DP (strategy=dp_fixed)")
+        ax.axhline(row["non_private_accuracy"], color="grey", linestyle="--", label="no DP")
+        ax.set_xscale("log")
+        ax.set_xlabel(f"total epsilon after {LOCAL_DP_ROUNDS} rounds (delta {LOCAL_DP_DELTA:g})")
+        ax.set_ylabel("test accuracy")
+        ax.set_title(f"{dataset}, logistic regression, {LOCAL_DP_CLIENTS} clients")
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 # --- the report ---------------------------------------------------------------------------
 
 
@@ -779,6 +897,13 @@ def table_rows(sections: dict[str, Any]) -> list[tuple[str, str, str]]:
         privacy = s["epsilon_record_max"] if s["epsilon_record_max"] is not None else s["epsilon_user"]
         rows.append((f"7 test accuracy: {name}", _fmt(s["test_accuracy"], 3),
                      f"epsilon {_fmt(privacy)}, {_fmt(s['wall_seconds'], 0)}s"))
+    for dataset, s in sections.get("local_dp", {}).items():
+        if dataset == "plot" or not isinstance(s, dict) or "points" not in s:
+            continue
+        for p in s["points"]:
+            rows.append((f"8 {dataset} accuracy at total epsilon {_fmt(p['total_epsilon'], 1)}: local / central DP",
+                         f"{_fmt(p['local_accuracy'], 3)} / {_fmt(p['central_accuracy'], 3)}",
+                         f"epsilon_per_round {p['epsilon_per_round']:g}; no DP {_fmt(s['non_private_accuracy'], 3)}"))
     for name, section in sections.items():
         if isinstance(section, dict) and "error" in section:
             rows.append((f"{name}: FAILED", "-", section["error"].splitlines()[0]))
@@ -816,8 +941,10 @@ def workload_overrides(mnist_root: Path | None) -> list[str]:
     return ["dataset=mnist", f"dataset.root={mnist_root}", "dataset.split_source=test_file", "model=cnn28"]
 
 
-def run_sections(*, sizes: Sizes, mnist_root: Path | None, work_dir: Path) -> dict[str, Any]:
-    """Run every section ``sizes`` asks for; a failing section is recorded, the rest go on."""
+def run_sections(
+    *, sizes: Sizes, mnist_root: Path | None, work_dir: Path, plot_path: Path, only: str | None = None
+) -> dict[str, Any]:
+    """Run every section ``sizes`` asks for (or just ``only``); a failing section is recorded, the rest go on."""
     workload = workload_overrides(mnist_root)
     sections: dict[str, Any] = {"workload": workload}
     steps: list[tuple[str, Callable[[], Any]]] = [
@@ -832,6 +959,12 @@ def run_sections(*, sizes: Sizes, mnist_root: Path | None, work_dir: Path) -> di
     steps.append(("memory", lambda: bench_memory(workload, sizes=sizes, sections=sections, work_dir=work_dir)))
     if sizes.utility and mnist_root is not None:
         steps.append(("utility", lambda: bench_utility(workload, work_dir=work_dir)))
+    if sizes.local_dp_repeats:
+        steps.append(
+            ("local_dp", lambda: bench_local_dp(repeats=sizes.local_dp_repeats, work_dir=work_dir, plot_path=plot_path))
+        )
+    if only is not None:
+        steps = [(name, step) for name, step in steps if name == only]
     for name, step in steps:
         print(f"bench: {name} ...", file=sys.stderr, flush=True)
         start = time.perf_counter()
@@ -851,6 +984,7 @@ def main(argv: list[str] | None = None) -> int:
     size.add_argument("--smoke", action="store_true", help="the smallest setting, for tests")
     parser.add_argument("--mnist-root", type=Path, help="folder with the MNIST test file (else digits)")
     parser.add_argument("--out", type=Path, default=Path("bench.json"), help="where to write the figures")
+    parser.add_argument("--only", choices=SECTIONS, help="run this one section")
     parser.add_argument("--floor", help=argparse.SUPPRESS)  # internal: run compute_floor(JSON overrides)
     args = parser.parse_args(argv)
     if args.floor is not None:
@@ -859,7 +993,13 @@ def main(argv: list[str] | None = None) -> int:
     mode = "smoke" if args.smoke else "quick" if args.quick else "full"
     start = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="fedpriv-bench-") as work_dir:
-        sections = run_sections(sizes=SIZES[mode], mnist_root=args.mnist_root, work_dir=Path(work_dir))
+        sections = run_sections(
+            sizes=SIZES[mode],
+            mnist_root=args.mnist_root,
+            work_dir=Path(work_dir),
+            plot_path=args.out.with_name(f"{args.out.stem}_local_dp.png"),
+            only=args.only,
+        )
     document = {"mode": mode, "sizes": asdict(SIZES[mode]), "machine": machine(),
                 "seconds": time.perf_counter() - start, **sections}
     print(render_table(sections))

@@ -53,6 +53,9 @@ def test_smoke_run_writes_every_section(tmp_path):
         assert accounting[name]["fedpriv_epsilon"] > 0
         assert accounting[name]["pld_epsilon"] > 0
     assert accounting["against_flower"]["flower_epsilon"] > accounting["against_flower"]["fedpriv_epsilon_user"]
+    local = accounting["local_dp_against_flower"]["50_rounds"]
+    assert local["flower_true_epsilon"] > local["flower_reported_epsilon"] == 1.0
+    assert local["fedpriv_pld_epsilon"] < local["fedpriv_basic_epsilon"] == 50.0
     assert document["memory"]["2 clients, section 1"]["peak_pss_mib"] > 0
     assert "| 1 overhead: wall time / compute floor |" in result.stdout
 

@@ -276,3 +276,24 @@ def test_folder_without_job_results_is_one_line_and_exit_1(tmp_path, capsys, lay
     assert len(lines) == 1 and lines[0].startswith(f"report: no job results in {sweep}")
     assert ("single run" in lines[0]) == (layout == "single_run")
     assert not (sweep / "summary.csv").exists()
+
+
+def test_a_local_dp_sweep_is_reported_by_its_local_epsilon(tmp_path):
+    # Prepare: two local-DP jobs, no other epsilon
+    sweep = tmp_path / "sweep"
+    sweep.mkdir()
+    make_multirun_yaml(sweep, ["client=local_dp", "client.epsilon_per_round=1.0,3.0"])
+    for number, (epsilon, accuracy) in enumerate([(1.0, 0.6), (3.0, 0.8)]):
+        document = results_document([accuracy])
+        document["final"]["epsilon_local_max"] = 10 * epsilon
+        make_job(sweep, number, ["client=local_dp", f"client.epsilon_per_round={epsilon}"], results=document)
+
+    # Execute
+    jobs = report.load_jobs(sweep)
+    rows = report.summary_rows(jobs, ["client.epsilon_per_round"])
+
+    # Assert
+    assert report.epsilon_metric(jobs) == "epsilon_local_max"
+    assert [row["epsilon_local_max"] for row in rows] == [10.0, 30.0]
+    assert report.plot_frontier(jobs, swept=["client.epsilon_per_round"], path=tmp_path / "frontier.png")
+    assert_png(tmp_path / "frontier.png")

@@ -34,6 +34,11 @@ HistoryEntry = tuple[float, float, int]
 # points (seconds and gigabytes at e = 1000). A coarser grid stays a pessimistic
 # upper bound, only a little looser.
 _VALUE_DISCRETIZATION = 1e-4
+PLD_MAX_RELEASE_EPSILON = 100.0
+"""Above this per-release epsilon the PLD bound is not computed: basic composition is reported.
+
+dp-accounting's truncation fails on such grids (epsilon 1000 a release, 51
+releases), and at these epsilons PLD gains nothing worth having."""
 
 
 def _counted(history: Sequence[HistoryEntry]) -> list[tuple[float, int]]:
@@ -60,7 +65,9 @@ def laplace_basic_epsilon(history: Sequence[HistoryEntry]) -> float:
 def laplace_epsilon(history: Sequence[HistoryEntry], *, delta: float) -> float:
     """Epsilon of the releases at ``delta`` by PLD accounting (``dp_accounting``).
 
-    Never above :func:`laplace_basic_epsilon`: the smaller of the two is returned.
+    Never above :func:`laplace_basic_epsilon`: the smaller of the two is returned,
+    and basic composition alone when a release's epsilon exceeds
+    :data:`PLD_MAX_RELEASE_EPSILON`.
 
     Parameters
     ----------
@@ -82,6 +89,8 @@ def laplace_epsilon(history: Sequence[HistoryEntry], *, delta: float) -> float:
     if not math.isfinite(basic):
         return math.inf
     largest = max(1.0 / noise_multiplier for noise_multiplier, _ in counted)
+    if largest > PLD_MAX_RELEASE_EPSILON:
+        return basic
     accountant = PLDAccountant(
         neighboring_relation=dp_accounting.NeighboringRelation.ADD_OR_REMOVE_ONE,
         value_discretization_interval=_VALUE_DISCRETIZATION * max(1.0, largest),
