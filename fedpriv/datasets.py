@@ -49,6 +49,9 @@ class DatasetSplits:
         int64, shape ``[M]``.
     num_classes : int
         Number of classes of the task.
+    train_silo : torch.Tensor or None
+        int64, shape ``[N]``: the natural silo of each training example
+        (``partition=natural``); ``None`` for data sets without silos.
     """
 
     train_x: torch.Tensor
@@ -56,6 +59,7 @@ class DatasetSplits:
     test_x: torch.Tensor
     test_y: torch.Tensor
     num_classes: int
+    train_silo: torch.Tensor | None = None
 
     @property
     def input_shape(self) -> tuple[int, ...]:
@@ -63,12 +67,13 @@ class DatasetSplits:
         return tuple(self.train_x.shape[1:])
 
 
-def _check_fraction(key: str, value: object) -> None:
+def check_test_fraction(key: str, value: object) -> None:
+    """Refuse a ``dataset.<key>`` outside (0, 1), naming it."""
     if isinstance(value, bool) or not isinstance(value, Real) or not 0 < value < 1:
         raise fail(f"dataset.{key}", value, "must be in (0, 1)")
 
 
-def _stratified_split(
+def stratified_split(
     labels: np.ndarray, *, test_fraction: float, rng: np.random.Generator
 ) -> tuple[np.ndarray, np.ndarray]:
     """Split indices into (train, test), holding out ``test_fraction`` of each class.
@@ -115,15 +120,18 @@ def _subset(size: int, *, limit: int, rng: np.random.Generator) -> np.ndarray:
 
 
 @functools.lru_cache(maxsize=4)
-def _load_cached(dataset: _Dataset) -> DatasetSplits:
+def _load_cached(dataset: Dataset) -> DatasetSplits:
     return dataset._build()
 
 
-class _Dataset(abc.ABC):
+class Dataset(abc.ABC):
     """Memoized loading shared by all datasets (subclasses are frozen dataclasses)."""
 
     input_shape: ClassVar[tuple[int, ...]]
     num_classes: ClassVar[int]
+    def local_features(self, x: torch.Tensor) -> torch.Tensor:
+        """One party's rows as its model sees them (tabular data: its own imputation and scaling)."""
+        return x
 
     def load(self) -> DatasetSplits:
         """Load the splits; repeated calls with an equal dataset return the same object.
@@ -141,7 +149,7 @@ class _Dataset(abc.ABC):
 
 
 @dataclass(frozen=True)
-class Synthetic(_Dataset):
+class Synthetic(Dataset):
     """Random 8x8 single-channel images with random labels (10 classes): as many as you ask for.
 
     For scale and speed measurements (digits has too few examples for 10,000
@@ -166,7 +174,7 @@ class Synthetic(_Dataset):
 
     def __post_init__(self) -> None:
         """Validate the settings."""
-        _check_fraction("test_fraction", self.test_fraction)
+        check_test_fraction("test_fraction", self.test_fraction)
         check_int("dataset.seed", self.seed, minimum=0)
         check_int("dataset.num_examples", self.num_examples, minimum=2, maximum=10**8)
 
@@ -181,7 +189,7 @@ class Synthetic(_Dataset):
 
 
 @dataclass(frozen=True)
-class Digits(_Dataset):
+class Digits(Dataset):
     """scikit-learn's 8x8 handwritten digits (1,797 images, bundled, works offline).
 
     Images are ``[N, 1, 8, 8]`` float32 scaled to [0, 1]; the split is stratified.
@@ -201,7 +209,7 @@ class Digits(_Dataset):
     num_classes: ClassVar[int] = 10
 
     def __post_init__(self) -> None:
-        _check_fraction("test_fraction", self.test_fraction)
+        check_test_fraction("test_fraction", self.test_fraction)
         check_int("dataset.seed", self.seed, minimum=0)
 
     def _build(self) -> DatasetSplits:
@@ -210,7 +218,7 @@ class Digits(_Dataset):
         bunch = load_digits()
         x = torch.from_numpy(bunch.images / 16.0).float().unsqueeze(1)
         y = torch.from_numpy(bunch.target).long()
-        train, test = _stratified_split(
+        train, test = stratified_split(
             bunch.target,
             test_fraction=self.test_fraction,
             rng=np.random.default_rng(self.seed),
@@ -225,7 +233,7 @@ class Digits(_Dataset):
 
 
 @dataclass(frozen=True)
-class BreastCancer(_Dataset):
+class BreastCancer(Dataset):
     """scikit-learn's Wisconsin breast cancer table (569 rows, 30 features, 2 classes).
 
     Features are standardised with the mean and standard deviation of the training
@@ -246,14 +254,14 @@ class BreastCancer(_Dataset):
     num_classes: ClassVar[int] = 2
 
     def __post_init__(self) -> None:
-        _check_fraction("test_fraction", self.test_fraction)
+        check_test_fraction("test_fraction", self.test_fraction)
         check_int("dataset.seed", self.seed, minimum=0)
 
     def _build(self) -> DatasetSplits:
         from sklearn.datasets import load_breast_cancer
 
         bunch = load_breast_cancer()
-        train, test = _stratified_split(
+        train, test = stratified_split(
             bunch.target,
             test_fraction=self.test_fraction,
             rng=np.random.default_rng(self.seed),
@@ -272,7 +280,7 @@ class BreastCancer(_Dataset):
 
 
 @dataclass(frozen=True)
-class _TorchvisionImages(_Dataset):
+class _TorchvisionImages(Dataset):
     """Image datasets read through torchvision; see ``MNIST`` for the parameters."""
 
     root: str
@@ -296,7 +304,7 @@ class _TorchvisionImages(_Dataset):
                 f"dataset.split_source={self.split_source}: "
                 f"must be one of {', '.join(_SPLIT_SOURCES)}"
             )
-        _check_fraction("test_fraction", self.test_fraction)
+        check_test_fraction("test_fraction", self.test_fraction)
         check_int("dataset.max_train_examples", self.max_train_examples, minimum=0)
         check_int("dataset.max_test_examples", self.max_test_examples, minimum=0)
         check_int("dataset.seed", self.seed, minimum=0)
@@ -316,7 +324,7 @@ class _TorchvisionImages(_Dataset):
             test_x, test_y = self._read(train=False)
         else:
             x, y = self._read(train=False)
-            train, test = _stratified_split(
+            train, test = stratified_split(
                 y.numpy(), test_fraction=self.test_fraction, rng=rng
             )
             train_x, train_y, test_x, test_y = x[train], y[train], x[test], y[test]

@@ -309,7 +309,12 @@ def experiment_from_run_config(run_config: Mapping[str, Scalar]) -> Experiment:
 
 @functools.lru_cache(maxsize=8)
 def _partitioning(dataset: Any, partition: Any, num_partitions: int, seed: int):
-    labels = dataset.load().train_y.numpy()
+    splits = dataset.load()
+    labels = splits.train_y.numpy()
+    if getattr(partition, "needs_silos", False):
+        if splits.train_silo is None:
+            raise ValueError("partition=natural: this dataset has no natural silos")
+        return partition.split(labels, num_partitions=num_partitions, seed=seed, silos=splits.train_silo.numpy())
     return partition.split(labels, num_partitions=num_partitions, seed=seed)
 
 
@@ -330,4 +335,5 @@ def client_examples(
         experiment.dataset, experiment.partition, num_partitions, experiment.settings.seed
     )
     index = torch.as_tensor(partitioning.indices[partition_id], dtype=torch.long)
-    return splits.train_x[index], splits.train_y[index]
+    # Tabular data: the client imputes and scales with its own rows only.
+    return experiment.dataset.local_features(splits.train_x[index]), splits.train_y[index]

@@ -1,4 +1,4 @@
-"""Partitioning the clients' training pool among clients: IID, Dirichlet, pathological.
+"""Partitioning the clients' training pool among clients: IID, Dirichlet, pathological, natural silos.
 
 Each partitioner is a frozen dataclass built by Hydra (``_target_`` plus fields) whose
 ``split`` hands the labels to the matching flwr-datasets partitioner and returns
@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import warnings
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, ClassVar
 
 import numpy as np
 
@@ -277,3 +277,45 @@ class Pathological:
                 num_classes,
             )
         return Partitioning(indices=indices, dropped=dropped)
+
+
+@dataclass(frozen=True)
+class Natural:
+    """One client per natural silo of the data set (``dataset=heart_disease``: one per hospital).
+
+    ``num_clients`` must equal the number of silos; client ``i`` holds silo ``i``
+    (the order of the data set's ``silos``).
+    """
+
+    needs_silos: ClassVar[bool] = True
+    """``split`` takes the silo of every training example."""
+
+    def split(self, labels: np.ndarray, *, num_partitions: int, seed: int, silos: np.ndarray) -> Partitioning:
+        """Give each client the training examples of its silo.
+
+        Parameters
+        ----------
+        labels : np.ndarray
+            One-dimensional class labels of the training pool.
+        num_partitions : int
+            Number of clients; must equal the number of silos.
+        seed : int
+            Unused: the partition is the data's own.
+        silos : np.ndarray
+            The silo id (0, 1, ...) of every training example.
+
+        Raises
+        ------
+        ValueError
+            If ``num_partitions`` is not the number of silos, or a silo has no example.
+        """
+        _check_request(labels, num_partitions=num_partitions, seed=seed)
+        silos = np.asarray(silos)
+        count = int(silos.max()) + 1 if silos.size else 0
+        if num_partitions != count:
+            raise ValueError(f"num_clients={num_partitions}: partition=natural needs one client per silo ({count})")
+        indices = tuple(np.flatnonzero(silos == silo).astype(np.int64) for silo in range(count))
+        empty = [silo for silo, held in enumerate(indices) if not held.size]
+        if empty:
+            raise ValueError(f"partition=natural: silo(s) {empty} have no training example")
+        return Partitioning(indices=indices, dropped=np.empty(0, dtype=np.int64))

@@ -45,7 +45,15 @@ def plot_rounds(rows: Sequence[dict[str, Any]], *, output_dir: Path) -> list[Pat
         The files written.
     """
     plots = {
-        "accuracy.png": ({"test_accuracy": "server test accuracy"}, "accuracy", "Global model accuracy"),
+        "accuracy.png": (
+            {
+                "test_accuracy": "server test accuracy",
+                "test_auc": "server test ROC AUC",
+                "test_balanced_accuracy": "server test balanced accuracy",
+            },
+            "accuracy / AUC",
+            "Global model accuracy",
+        ),
         "loss.png": ({"train_loss": "client train loss", "test_loss": "server test loss"}, "loss", "Loss"),
         "epsilon.png": (
             {

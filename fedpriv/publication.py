@@ -32,6 +32,9 @@ CLIENT_LEVEL_PUBLIC_ROUND = frozenset(
         "round",
         "test_loss",
         "test_accuracy",
+        "test_auc",
+        "test_balanced_accuracy",
+        "test_cost",
         "epsilon_user",
         "clipping_norm",
         "noise_std",
@@ -41,7 +44,8 @@ CLIENT_LEVEL_PUBLIC_ROUND = frozenset(
 )
 """Round fields that are DP outputs or public config under client-level DP.
 
-The server's test metrics evaluate the noised model on the server's own data;
+The server's test metrics (loss, accuracy and, for binary tasks, AUC, balanced
+accuracy and cost) evaluate the noised model on the server's own data;
 the clipping norm of a round is public config or (adaptive clipping) a
 function of earlier noised counts; ``unclipped_fraction_noisy`` is the noised
 count itself; ``diverged`` says the released (noised) model was not finite.
@@ -54,6 +58,9 @@ CLIENT_LEVEL_PUBLIC_FINAL = frozenset(
         "stopped_detail",
         "test_accuracy",
         "test_loss",
+        "test_auc",
+        "test_balanced_accuracy",
+        "test_cost",
         "epsilon_user",
         "delta_user",
     }

@@ -271,6 +271,7 @@ def final_summary(final: Mapping[str, Any]) -> str:
     parts = [
         f"{final.get('rounds_completed')} rounds ({final.get('stopped_reason')})",
         f"test accuracy {final['test_accuracy']:.4f}" if final.get("test_accuracy") is not None else "",
+        f"AUC {final['test_auc']:.4f}" if final.get("test_auc") is not None else "",
     ]
     for epsilon, delta in PRIVACY_PAIRS:
         if final.get(epsilon) is not None:

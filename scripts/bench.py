@@ -149,7 +149,7 @@ SIZES = {
         accounting_steps=500,
         flower=True,
         utility=True,
-        local_dp_repeats=3,
+        local_dp_repeats=2,
     ),
 }
 

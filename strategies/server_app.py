@@ -28,7 +28,7 @@ from fedpriv.logs import get_logger
 from fedpriv.protocol import LEDGER_KEY, RESUMED_KEY
 from fedpriv.results import RunRecorder, merge_results_section
 from fedpriv.run_config import build_component
-from fedpriv.training import evaluate
+from fedpriv.metrics import test_metrics
 from strategies.weighted_fedavg import StopRun, WeightedFedAvg
 
 logger = get_logger(__name__)
@@ -53,6 +53,8 @@ def round_line(row: dict[str, Any], *, rounds: list[dict[str, Any]], total_round
     withheld), so neither does the line.
     """
     parts = [f"round {row['round']}/{total_rounds}: test accuracy {row['test_accuracy']:.4f}"]
+    if row.get("test_auc") is not None:
+        parts.append(f"AUC {row['test_auc']:.4f}")
     if row.get("num_clients") is not None:
         parts.append(f"{row['num_clients']} clients, {row.get('num_rejected') or 0} rejected")
     if row.get("seconds") is not None:
@@ -147,7 +149,7 @@ def run_experiment(grid: Grid, experiment: Experiment, *, default_output_dir: Pa
         client_level_private=strategy.client_level_private,
         privacy=privacy,
     )
-    latest = {"state_dict": model.state_dict(), "test_loss": None, "test_accuracy": None}
+    latest = {"state_dict": model.state_dict(), "scores": {"test_loss": None, "test_accuracy": None}}
     logger.info("fedpriv run: results go to %s", output_dir.resolve())
 
     def end_of_round(flower_round: int, arrays: ArrayRecord) -> MetricRecord:
@@ -156,17 +158,24 @@ def run_experiment(grid: Grid, experiment: Experiment, *, default_output_dir: Pa
         server_round = strategy.run_round(flower_round) if flower_round else 0
         state_dict = arrays.to_torch_state_dict()
         model.load_state_dict(state_dict)
-        loss, accuracy = evaluate(model, splits.test_x, splits.test_y)
-        if server_round and not math.isfinite(loss):
-            strategy.reject_model(server_round, reason=f"the server's test loss is {loss}")
+        scores = test_metrics(
+            model,
+            splits.test_x,
+            splits.test_y,
+            num_classes=experiment.dataset.num_classes,
+            costs=getattr(experiment.dataset, "costs", None),
+        )
+        if server_round and not math.isfinite(scores["test_loss"]):
+            strategy.reject_model(server_round, reason=f"the server's test loss is {scores['test_loss']}")
             # The previous model stays the global one, with its own test metrics.
-            state_dict, loss, accuracy = latest["state_dict"], latest["test_loss"], latest["test_accuracy"]
+            state_dict, scores = latest["state_dict"], latest["scores"]
             model.load_state_dict(state_dict)
-        latest.update(state_dict=state_dict, test_loss=loss, test_accuracy=accuracy)
+        latest.update(state_dict=state_dict, scores=scores)
+        loss, accuracy = scores["test_loss"], scores["test_accuracy"]
         if server_round == 0:
             recorder.start_clock()
         else:
-            metrics = {**strategy.train_metrics.get(server_round, {}), "test_loss": loss, "test_accuracy": accuracy}
+            metrics = {**strategy.train_metrics.get(server_round, {}), **scores}
             row = recorder.record_round(
                 server_round=server_round,
                 metrics=metrics,
@@ -191,11 +200,7 @@ def run_experiment(grid: Grid, experiment: Experiment, *, default_output_dir: Pa
         stop = raised
     if stop is not None:
         logger.warning("run stopped early: %s", stop)
-    final = {
-        "test_accuracy": latest["test_accuracy"],
-        "test_loss": latest["test_loss"],
-        **strategy.privacy_summary(),
-    }
+    final = {**latest["scores"], **strategy.privacy_summary()}
     document = recorder.finish(
         stopped_reason=stop.reason if stop else "completed",
         detail=stop.detail if stop else "",

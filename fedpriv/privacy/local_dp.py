@@ -19,7 +19,7 @@ in a private run); there is no global generator.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 
@@ -109,12 +109,7 @@ def laplace_mechanism(
     sensitivity = check_real("l1_sensitivity", l1_sensitivity, above=0.0)
     epsilon = check_real("epsilon", epsilon, above=0.0)
     scale = sensitivity / epsilon
-    return [
-        (np.asarray(array, dtype=np.float64) + rng.laplace(0.0, scale, size=np.shape(array))).astype(
-            np.asarray(array).dtype, copy=False
-        )
-        for array in values
-    ]
+    return _with_noise(values, lambda shape: rng.laplace(0.0, scale, size=shape))
 
 
 def gaussian_mechanism(
@@ -146,9 +141,12 @@ def gaussian_mechanism(
     sensitivity = check_real("l2_sensitivity", l2_sensitivity, above=0.0)
     noise_multiplier = check_real("noise_multiplier", noise_multiplier, above=0.0)
     std = noise_multiplier * sensitivity
+    return _with_noise(values, lambda shape: rng.normal(0.0, std, size=shape))
+
+
+def _with_noise(values: Sequence[np.ndarray], draw: Callable[[tuple[int, ...]], np.ndarray]) -> list[np.ndarray]:
+    # Added in float64, then back to each array's dtype.
     return [
-        (np.asarray(array, dtype=np.float64) + rng.normal(0.0, std, size=np.shape(array))).astype(
-            np.asarray(array).dtype, copy=False
-        )
+        (np.asarray(array, dtype=np.float64) + draw(np.shape(array))).astype(np.asarray(array).dtype, copy=False)
         for array in values
     ]
