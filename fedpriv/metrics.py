@@ -2,7 +2,7 @@
 
 ROC AUC and balanced accuracy (for imbalanced outcomes such as heart disease or
 credit default), and a misclassification cost where the data set documents a
-cost matrix. Pure functions over arrays, plus :func:`test_metrics` for a model.
+cost matrix. Pure functions over arrays, plus :func:`evaluation_metrics` for a model.
 """
 
 from __future__ import annotations
@@ -49,7 +49,7 @@ def misclassification_cost(
     return float((false_positive * fp + false_negative * fn) / labels.size)
 
 
-def test_metrics(
+def evaluation_metrics(
     model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, num_classes: int, costs: tuple[float, float] | None = None
 ) -> dict[str, float | None]:
     """``test_loss`` and ``test_accuracy``; for two classes also ``test_auc`` and ``test_balanced_accuracy``.

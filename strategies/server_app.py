@@ -28,7 +28,7 @@ from fedpriv.logs import get_logger
 from fedpriv.protocol import LEDGER_KEY, RESUMED_KEY
 from fedpriv.results import RunRecorder, merge_results_section
 from fedpriv.run_config import build_component
-from fedpriv.metrics import test_metrics
+from fedpriv.metrics import evaluation_metrics
 from strategies.weighted_fedavg import StopRun, WeightedFedAvg
 
 logger = get_logger(__name__)
@@ -158,7 +158,7 @@ def run_experiment(grid: Grid, experiment: Experiment, *, default_output_dir: Pa
         server_round = strategy.run_round(flower_round) if flower_round else 0
         state_dict = arrays.to_torch_state_dict()
         model.load_state_dict(state_dict)
-        scores = test_metrics(
+        scores = evaluation_metrics(
             model,
             splits.test_x,
             splits.test_y,

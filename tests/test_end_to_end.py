@@ -221,12 +221,13 @@ def test_a_config_that_cannot_run_is_refused_before_anything_starts(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a-file"]
 
 
-def test_a_local_dp_run_reports_its_composed_epsilon_and_stops_when_every_client_declines(tmp_path):
-    # Prepare: epsilon 1 a round under a budget of 2.5: two rounds, then every client declines
+def test_a_local_dp_run_on_four_hospitals_reports_its_epsilon_and_auc_and_stops_when_every_client_declines(tmp_path):
+    # Prepare: one client per hospital; epsilon 1 a round under a budget of 2.5:
+    # two rounds, then every client declines
     from fedpriv.privacy.laplace_accounting import laplace_epsilon
 
     overrides = [
-        "client=local_dp", "dataset=breast_cancer", "model=logreg", "num_clients=3", "num_rounds=4",
+        "client=local_dp", "dataset=heart_disease", "partition=natural", "num_clients=4", "num_rounds=4",
         "client.epsilon_per_round=1.0", "client.max_epsilon=2.5",
     ]
     after = [laplace_epsilon([(1.0, 1.0, k)], delta=1e-5) for k in (1, 2)]
@@ -240,8 +241,9 @@ def test_a_local_dp_run_reports_its_composed_epsilon_and_stops_when_every_client
     rounds = document["rounds"]
     assert [row["epsilon_local_max"] for row in rounds] == pytest.approx([after[0], after[1], after[1]])
     assert [row["epsilon_local_basic_max"] for row in rounds] == [1.0, 2.0, 2.0]
-    assert [row["num_clients"] for row in rounds] == [3, 3, 0]
-    assert [row["num_declined"] for row in rounds] == [0, 0, 3]
+    assert [row["num_clients"] for row in rounds] == [4, 4, 0]
+    assert [row["num_declined"] for row in rounds] == [0, 0, 4]
+    assert all(0 <= row["test_auc"] <= 1 and 0 <= row["test_balanced_accuracy"] <= 1 for row in rounds)
     assert all(row["train_loss"] is None for row in rounds)  # a local-DP reply carries no loss
     final = document["final"]
     assert final["stopped_reason"] == "privacy_budget_exhausted"

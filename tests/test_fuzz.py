@@ -255,6 +255,8 @@ BASES = {
     "mnist": ["dataset=mnist", "model=cnn28"],
     "cifar10": ["dataset=cifar10", "model=cnn32"],
     "breast_cancer": ["dataset=breast_cancer", "model=logreg"],
+    "heart_disease": ["dataset=heart_disease", "partition=natural", "num_clients=4"],
+    "german_credit": ["dataset=german_credit"],
     "dirichlet": ["partition=dirichlet"],
     "pathological": ["partition=pathological"],
     "deployment": ["mode=deployment", "mode.insecure=true"],
