@@ -17,7 +17,7 @@ from clients.privacy_state import STATE_KEY, PrivacyBudgetExhausted
 from fedpriv.experiment import client_examples, experiment_from_run_config
 from fedpriv.logs import get_logger
 from fedpriv.protocol import DECLINE_REASON_KEY, DECLINED_KEY, LEDGER_KEY, RESUMED_KEY, ROUND_KEY, WEIGHT_KEY
-from fedpriv.training import evaluate as evaluate_model
+from fedpriv.metrics import evaluation_metrics
 
 logger = get_logger(__name__)
 
@@ -157,6 +157,13 @@ def evaluate(msg: Message, context: Context) -> Message:
             code=EVALUATE_REFUSED,
             reason="a private client (record-level or local DP) does not release exact evaluation metrics",
         )
-    loss, accuracy = evaluate_model(model, x, y)
-    metrics = {WEIGHT_KEY: len(y), "eval_loss": loss, "eval_accuracy": accuracy}
+    scores = evaluation_metrics(
+        model, x, y, num_classes=experiment.dataset.num_classes, costs=getattr(experiment.dataset, "costs", None)
+    )
+    # eval_loss, eval_accuracy and, for a binary task, eval_auc (when both classes
+    # are present here), eval_balanced_accuracy and eval_cost.
+    metrics = {
+        WEIGHT_KEY: len(y),
+        **{f"eval_{key.removeprefix('test_')}": value for key, value in scores.items() if value is not None},
+    }
     return Message(content=RecordDict({"metrics": MetricRecord(metrics)}), reply_to=msg)

@@ -35,6 +35,8 @@ from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 # Statuses of a job whose results.json has its ``final`` section.
 FINISHED = ("completed", "privacy_budget_exhausted", "diverged")
+BINARY_COLUMNS = ("test_auc", "test_balanced_accuracy", "test_cost")
+"""Columns a sweep report adds when any job reports them (two-class tasks; ``test_cost``: German credit)."""
 METRIC_COLUMNS = (
     "test_accuracy",
     "epsilon_user",
@@ -237,10 +239,10 @@ def summary_rows(jobs: Sequence[Job], swept: Sequence[str]) -> list[dict[str, An
     rows = []
     for job in jobs:
         row: dict[str, Any] = {"job": job.number, **{key: job.overrides.get(key, "") for key in swept}}
-        row.update(dict.fromkeys(METRIC_COLUMNS))
+        row.update(dict.fromkeys((*METRIC_COLUMNS, *BINARY_COLUMNS)))
         if job.results:
             source = job.final or (job.rounds[-1] if job.rounds else {})
-            for key in ("test_accuracy", *EPSILON_LABELS):
+            for key in ("test_accuracy", *BINARY_COLUMNS, *EPSILON_LABELS):
                 row[key] = source.get(key)
             row["rounds_completed"] = job.final["rounds_completed"] if job.final else len(job.rounds)
             row["stopped_reason"] = job.final["stopped_reason"] if job.final else None
@@ -452,7 +454,8 @@ def report(sweep_dir: Path) -> Report:
     jobs = load_jobs(sweep_dir)
     swept = swept_keys(jobs, sweep_dir)
     rows = summary_rows(jobs, swept)
-    columns = ["job", *swept, *METRIC_COLUMNS]
+    binary = [key for key in BINARY_COLUMNS if any(row.get(key) is not None for row in rows)]
+    columns = ["job", *swept, METRIC_COLUMNS[0], *binary, *METRIC_COLUMNS[1:]]
     result = Report(markdown=markdown_table(rows, columns))
     plots = {
         "frontier.png": (plot_frontier, "no finished job has an epsilon"),

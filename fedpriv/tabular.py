@@ -1,4 +1,4 @@
-"""Real cross-silo tabular data shipped with fedpriv: four hospitals' heart disease data, a bank's credit data.
+"""Tabular data: four hospitals' heart disease data and a bank's credit data (shipped), and the user's own CSV.
 
 The files live in ``fedpriv/data/<name>/`` with their README (citation, CC BY 4.0).
 Nothing here computes a statistic over more than one client's rows: the
@@ -10,6 +10,10 @@ test split is prepared the same way with the test split's own statistics.
 
 from __future__ import annotations
 
+import csv
+import math
+import os
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from importlib import resources
 from typing import ClassVar
@@ -17,7 +21,7 @@ from typing import ClassVar
 import numpy as np
 import torch
 
-from fedpriv.checks import check_int
+from fedpriv.checks import check_int, check_text, fail
 from fedpriv.datasets import DatasetSplits, check_test_fraction, Dataset, stratified_split
 
 HEART_DISEASE_SILOS = ("cleveland", "hungarian", "switzerland", "va")
@@ -162,3 +166,204 @@ class GermanCredit(Dataset):
         return DatasetSplits(
             train_x=x[train], train_y=y[train], test_x=self.local_features(x[test]), test_y=y[test], num_classes=2
         )
+
+
+_MISSING = ("", "na", "nan", "null", "?")
+
+
+def _column_list(key: str, value: object) -> tuple[str, ...]:
+    if isinstance(value, str) or not isinstance(value, Sequence):
+        raise fail(key, value, "must be a list of column names")
+    names = tuple(str(name) for name in value)
+    if len(set(names)) != len(names):
+        raise fail(key, value, "names a column twice")
+    return names
+
+
+def _number(text: str, *, column: str, row: int, path: str) -> float:
+    if text.strip().lower() in _MISSING:
+        return math.nan
+    try:
+        value = float(text)
+    except ValueError:
+        raise ValueError(
+            f"dataset.path={path!r}: column {column!r} has the non-numeric value {text!r} in row {row}"
+        ) from None
+    if not math.isfinite(value):
+        raise ValueError(f"dataset.path={path!r}: column {column!r} has the value {text!r} in row {row}")
+    return value
+
+
+@dataclass(frozen=True)
+class CSV(Dataset):
+    """The user's own table: a CSV file with a header row, one example per row.
+
+    Numeric feature columns may have missing cells (empty, ``NA``, ``NaN``,
+    ``?``): they become NaN plus a missing-indicator column, and each client
+    imputes and standardizes with its own rows (:func:`standardize_locally`).
+    Categorical columns are one-hot encoded with the category list given in the
+    config, so no party needs anyone else's data to agree on the columns; a
+    missing category is all zeros. Classes are the label column's distinct
+    values, sorted.
+
+    Parameters
+    ----------
+    path : str
+        The CSV file.
+    label_column : str
+        The column holding the class.
+    feature_columns : list of str or None
+        Numeric feature columns; ``None``: every column that is not the label,
+        the silo or categorical.
+    categorical_columns : mapping of str to list of str, or None
+        Categorical columns and their categories (``{color: [red, green]}``).
+    silo_column : str or None
+        The column naming each row's silo (hospital, bank): ``partition=natural``
+        gives one client per silo.
+    test_fraction : float
+        Fraction of each (silo, class) group held out for the server, in (0, 1).
+    seed : int
+        Seed of the train/test split.
+    """
+
+    path: str | None = None
+    label_column: str = "label"
+    feature_columns: Sequence[str] | None = None
+    categorical_columns: Mapping[str, Sequence[str]] | None = None
+    silo_column: str | None = None
+    test_fraction: float = 0.2
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.path, str) or not self.path:
+            raise fail("dataset.path", self.path, "set it to your CSV file")
+        check_text("dataset.label_column", self.label_column)
+        if self.silo_column is not None:
+            check_text("dataset.silo_column", self.silo_column)
+        if self.feature_columns is not None:
+            object.__setattr__(self, "feature_columns", _column_list("dataset.feature_columns", self.feature_columns))
+        categorical = self.categorical_columns
+        if categorical is not None and not isinstance(categorical, Mapping | tuple):
+            raise fail("dataset.categorical_columns", categorical, "must map each column to its categories")
+        pairs = tuple(categorical.items()) if isinstance(categorical, Mapping) else tuple(categorical or ())
+        normalised = []
+        for column, categories in pairs:
+            names = _column_list(f"dataset.categorical_columns.{column}", categories)
+            if not names:
+                raise fail(f"dataset.categorical_columns.{column}", categories, "must list at least one category")
+            normalised.append((str(column), names))
+        object.__setattr__(self, "categorical_columns", tuple(normalised))
+        check_test_fraction("test_fraction", self.test_fraction)
+        check_int("dataset.seed", self.seed, minimum=0)
+
+    @property
+    def input_shape(self) -> tuple[int, ...]:
+        """Numeric values, their missing indicators and the one-hot columns (read from the file)."""
+        return self.load().input_shape
+
+    @property
+    def num_classes(self) -> int:
+        """The label column's distinct values (read from the file)."""
+        return self.load().num_classes
+
+    def local_features(self, x: torch.Tensor) -> torch.Tensor:
+        """One party's rows, imputed and standardized with that party's own statistics."""
+        return standardize_locally(x, value_columns=len(self._numeric_columns(self._header())))
+
+    def _header(self) -> list[str]:
+        if not os.path.isfile(self.path):
+            raise ValueError(f"dataset.path={self.path!r}: no such file")
+        with open(self.path, newline="") as handle:
+            header = next(csv.reader(handle), None)
+        if not header:
+            raise ValueError(f"dataset.path={self.path!r}: the file is empty")
+        return [name.strip() for name in header]
+
+    def _numeric_columns(self, header: list[str]) -> tuple[str, ...]:
+        if self.feature_columns is not None:
+            return tuple(self.feature_columns)
+        other = {self.label_column, self.silo_column, *(column for column, _ in self.categorical_columns)}
+        return tuple(name for name in header if name not in other)
+
+    def _build(self) -> DatasetSplits:
+        header = self._header()
+        numeric = self._numeric_columns(header)
+        wanted = {
+            "dataset.label_column": [self.label_column],
+            "dataset.feature_columns": list(numeric),
+            "dataset.categorical_columns": [column for column, _ in self.categorical_columns],
+            "dataset.silo_column": [self.silo_column] if self.silo_column else [],
+        }
+        for key, columns in wanted.items():
+            absent = [column for column in columns if column not in header]
+            if absent:
+                raise ValueError(f"{key}: no column {absent[0]!r} in {self.path} (columns: {', '.join(header)})")
+        if not numeric and not self.categorical_columns:
+            raise ValueError(f"dataset.feature_columns: {self.path} has no feature column")
+        where = {name: i for i, name in enumerate(header)}
+        values, onehots, labels, silos = [], [], [], []
+        with open(self.path, newline="") as handle:
+            reader = csv.reader(handle)
+            next(reader)
+            for row_number, row in enumerate(reader, start=2):
+                if not any(cell.strip() for cell in row):
+                    continue
+                if len(row) != len(header):
+                    raise ValueError(
+                        f"dataset.path={self.path!r}: row {row_number} has {len(row)} cells, the header {len(header)}"
+                    )
+                values.append([_number(row[where[c]], column=c, row=row_number, path=self.path) for c in numeric])
+                onehots.append(self._one_hot(row, where=where, row_number=row_number))
+                labels.append(row[where[self.label_column]].strip())
+                if self.silo_column:
+                    silos.append(row[where[self.silo_column]].strip())
+        classes = sorted(set(labels), key=_sort_key)
+        if len(classes) < 2:
+            raise ValueError(
+                f"dataset.label_column={self.label_column!r}: {self.path} has only one class ({classes[0]!r})"
+                if classes else f"dataset.path={self.path!r}: no data rows"
+            )
+        y = np.array([classes.index(label) for label in labels], dtype=np.int64)
+        silo_names = sorted(set(silos), key=_sort_key)
+        silo = np.array([silo_names.index(s) for s in silos], dtype=np.int64) if silos else np.zeros(len(y), np.int64)
+        table = np.asarray(values, dtype=np.float64).reshape(len(y), len(numeric))
+        x = np.concatenate([table, np.isnan(table), np.asarray(onehots, dtype=np.float64).reshape(len(y), -1)], axis=1)
+        train, test = stratified_split(
+            silo * len(classes) + y, test_fraction=self.test_fraction, rng=np.random.default_rng(self.seed)
+        )
+        if self.silo_column:
+            empty = [name for i, name in enumerate(silo_names) if not np.any(silo[train] == i)]
+            if empty:
+                raise ValueError(
+                    f"dataset.silo_column={self.silo_column!r}: silo {empty[0]!r} has no training row "
+                    f"(dataset.test_fraction={self.test_fraction})"
+                )
+        x_tensor, y_tensor = torch.from_numpy(x).float(), torch.from_numpy(y)
+        return DatasetSplits(
+            train_x=x_tensor[train],
+            train_y=y_tensor[train],
+            test_x=standardize_locally(x_tensor[test], value_columns=len(numeric)),
+            test_y=y_tensor[test],
+            num_classes=len(classes),
+            train_silo=torch.from_numpy(silo[train]) if self.silo_column else None,
+        )
+
+    def _one_hot(self, row: list[str], *, where: dict[str, int], row_number: int) -> list[float]:
+        encoded: list[float] = []
+        for column, categories in self.categorical_columns:
+            cell = row[where[column]].strip()
+            if cell and cell.lower() not in _MISSING and cell not in categories:
+                raise ValueError(
+                    f"dataset.categorical_columns.{column}: the value {cell!r} in row {row_number} of "
+                    f"{self.path} is not one of {list(categories)}"
+                )
+            encoded += [float(cell == category) for category in categories]
+        return encoded
+
+
+def _sort_key(value: str) -> tuple[int, float | str]:
+    # Numbers in numeric order, then text: classes 2 and 10 sort as 2, 10.
+    try:
+        return (0, float(value))
+    except ValueError:
+        return (1, value)

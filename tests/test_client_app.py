@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, RecordDict
 
@@ -58,16 +59,17 @@ def test_train_replies_with_the_model_num_examples_and_loss():
     assert list(answer.content["arrays"].keys()) == list(sent.keys())
 
 
-def test_evaluate_replies_with_loss_accuracy_and_num_examples():
-    # Prepare
-    overrides = ["num_clients=3"]
-
+@pytest.mark.parametrize(
+    ("overrides", "binary"),
+    [(["num_clients=3"], set()), (["dataset=german_credit", "num_clients=3"], {"eval_auc", "eval_balanced_accuracy", "eval_cost"})],
+)
+def test_evaluate_replies_with_loss_accuracy_num_examples_and_binary_metrics(overrides, binary):
     # Execute
     answer = client_app.evaluate(request(overrides, message_type=MessageType.EVALUATE), context_for(overrides))
 
     # Assert
     metrics = answer.content["metrics"]
-    assert set(metrics) == {"num-examples", "eval_loss", "eval_accuracy"}
+    assert set(metrics) == {"num-examples", "eval_loss", "eval_accuracy", *binary}
     assert 0.0 <= metrics["eval_accuracy"] <= 1.0
 
 

@@ -294,6 +294,26 @@ def test_a_local_dp_sweep_is_reported_by_its_local_epsilon(tmp_path):
 
     # Assert
     assert report.epsilon_metric(jobs) == "epsilon_local_max"
+    assert "test_auc" not in report.report(sweep).markdown  # no job reports one
     assert [row["epsilon_local_max"] for row in rows] == [10.0, 30.0]
     assert report.plot_frontier(jobs, swept=["client.epsilon_per_round"], path=tmp_path / "frontier.png")
     assert_png(tmp_path / "frontier.png")
+
+
+def test_a_binary_task_sweep_adds_the_auc_columns_it_has(tmp_path):
+    # Prepare
+    sweep = tmp_path / "sweep"
+    sweep.mkdir()
+    make_multirun_yaml(sweep, ["dataset=heart_disease", "num_rounds=1,2"])
+    for number in range(2):
+        document = results_document([0.7 + 0.1 * number])
+        document["final"]["test_auc"] = (0.8, 0.85)[number]
+        make_job(sweep, number, ["dataset=heart_disease", f"num_rounds={number + 1}"], results=document)
+
+    # Execute
+    markdown = report.report(sweep).markdown
+
+    # Assert
+    header = markdown.splitlines()[0]
+    assert "| test_accuracy | test_auc | epsilon_user |" in header and "test_cost" not in header
+    assert [row["test_auc"] for row in read_rows(sweep)] == ["0.8", "0.85"]

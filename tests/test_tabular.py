@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from importlib import resources
 
 import numpy as np
@@ -16,7 +17,7 @@ from fedpriv.experiment import client_examples, load_experiment
 from fedpriv.metrics import balanced_accuracy, misclassification_cost, roc_auc, evaluation_metrics
 from fedpriv.models import LogisticRegression
 from fedpriv.partition import Natural
-from fedpriv.tabular import HEART_DISEASE_FEATURES, HEART_DISEASE_SILOS, GermanCredit, HeartDisease, standardize_locally
+from fedpriv.tabular import CSV, HEART_DISEASE_FEATURES, HEART_DISEASE_SILOS, GermanCredit, HeartDisease, standardize_locally
 
 
 def test_the_shipped_heart_disease_files_hold_each_hospitals_documented_patients():
@@ -131,3 +132,78 @@ def test_a_binary_task_reports_auc_and_a_costed_one_its_cost():
         logits = model(x)
     assert metrics["test_auc"] == pytest.approx(roc_auc_score(y.numpy(), logits[:, 1] - logits[:, 0]))
     assert set(multiclass) == {"test_loss", "test_accuracy"}
+
+
+# The user's own CSV
+
+HEADER = "age,smoker,site,chol,outcome\n"
+
+
+def write_csv(tmp_path, rows: list[str], *, header: str = HEADER):
+    path = tmp_path / "table.csv"
+    path.write_text(header + "".join(f"{row}\n" for row in rows))
+    return str(path)
+
+
+def patient_rows(count: int = 60) -> list[str]:
+    rng = np.random.default_rng(0)
+    return [
+        f"{30 + i % 50},{('yes', 'no', '')[i % 3]},{'ABC'[i % 3]},{'' if i % 7 == 0 else 150 + i},{int(rng.random() < 0.5)}"
+        for i in range(count)
+    ]
+
+
+def test_a_users_csv_becomes_values_indicators_and_one_hot_columns_with_one_client_per_site(tmp_path):
+    # Prepare
+    path = write_csv(tmp_path, patient_rows())
+    overrides = [
+        "dataset=csv", f"dataset.path={path}", "dataset.label_column=outcome", "dataset.silo_column=site",
+        "dataset.categorical_columns={smoker:[yes,no]}", "partition=natural", "num_clients=3",
+    ]
+    experiment = load_experiment(compose_config(overrides))
+
+    # Execute
+    clients = [client_examples(experiment, partition_id=i, num_partitions=3) for i in range(3)]
+
+    # Assert: age, chol, their two missing indicators, smoker yes / no
+    assert experiment.dataset.input_shape == (6,) and experiment.dataset.num_classes == 2
+    pool = experiment.dataset.load()
+    for silo, (x, _) in enumerate(clients):
+        assert torch.equal(x, standardize_locally(pool.train_x[pool.train_silo == silo], value_columns=2))
+        assert not torch.isnan(x).any()
+    assert pool.train_x[:, 4:].sum(dim=1).max() == 1  # one category at most, none when missing
+
+
+@pytest.mark.parametrize(
+    ("rows", "settings", "message"),
+    [
+        (None, {"path": "no/such.csv"}, "dataset.path='no/such.csv': no such file"),
+        (["40,yes,A,200,1"] * 4, {"label_column": "diagnosis"}, "dataset.label_column: no column 'diagnosis' in"),
+        (["40,yes,A,high,1", "50,no,B,200,0"], {}, "column 'chol' has the non-numeric value 'high' in row 2"),
+        (["40,yes,A,200,1", "50,no,B,210,1"], {}, "dataset.label_column='outcome': .* has only one class \\('1'\\)"),
+        (["40,maybe,A,200,1", "50,no,B,210,0"], {}, "dataset.categorical_columns.smoker: the value 'maybe' in row 2"),
+        # B's one patient goes to the test split (half of each site and class, rounded up)
+        (["40,yes,A,200,1", "50,no,A,210,0", "60,no,B,220,1", "45,no,A,205,1", "55,yes,A,215,0"],
+         {"test_fraction": 0.5},
+         "dataset.silo_column='site': silo 'B' has no training row"),
+    ],
+)
+def test_each_problem_with_a_users_csv_is_one_line_naming_it(tmp_path, rows, settings, message):
+    # Prepare
+    path = write_csv(tmp_path, rows) if rows is not None else None
+    config = {
+        "path": path, "label_column": "outcome", "silo_column": "site", "categorical_columns": {"smoker": ["yes", "no"]},
+        **settings,
+    }
+
+    # Execute
+    with pytest.raises(ValueError) as error:
+        CSV(**config).load()
+
+    # Assert
+    assert re.search(message, str(error.value)) and "\n" not in str(error.value)
+
+
+def test_a_csv_dataset_needs_its_path():
+    with pytest.raises(ValueError, match="dataset.path=None: set it to your CSV file"):
+        CSV()
