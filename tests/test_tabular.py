@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 from importlib import resources
 
@@ -207,3 +208,25 @@ def test_each_problem_with_a_users_csv_is_one_line_naming_it(tmp_path, rows, set
 def test_a_csv_dataset_needs_its_path():
     with pytest.raises(ValueError, match="dataset.path=None: set it to your CSV file"):
         CSV()
+
+
+def test_the_references_are_the_pooled_data_and_each_hospital_alone(tmp_path, capsys):
+    # Prepare: a finished run's folder (the references need only its config and final row)
+    from fedpriv.reference import reference_points
+    from scripts.reference import main as reference_main
+
+    overrides = ["dataset=heart_disease", "partition=natural", "num_clients=4", "num_rounds=1"]
+    config = compose_config(overrides)
+    (tmp_path / "results.json").write_text(json.dumps({"config": config, "final": {"test_accuracy": 0.5}}))
+
+    # Execute
+    rows = reference_points(load_experiment(config))
+    code = reference_main([str(tmp_path)])
+
+    # Assert
+    assert [row["reference"] for row in rows] == ["pooled", *(f"client {i} alone" for i in range(4))]
+    assert rows[0]["examples"] == sum(row["examples"] for row in rows[1:])
+    assert all(0 <= row["test_auc"] <= 1 for row in rows)
+    assert code == 0 and "| this federated run |" in capsys.readouterr().out
+    assert len(json.loads((tmp_path / "reference.json").read_text())) == 5
+    assert reference_main([str(tmp_path / "missing")]) == 2
