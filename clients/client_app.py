@@ -64,12 +64,37 @@ def training_seed(*, experiment, server_round: int, partition_id: int) -> int | 
     )
 
 
+class DataError(Exception):
+    """This node's data could not be loaded; ``reason`` is what the reply may say."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
 def _prepare(msg: Message, context: Context):
-    """Rebuild the experiment, this node's data and the global model from ``msg``."""
-    experiment = experiment_from_run_config(context.run_config)
+    """Rebuild the experiment, this node's data and the global model from ``msg``.
+
+    Raises
+    ------
+    DataError
+        With the config error's text, or, once the data is read, the loader's
+        text for a non-private client only: a loader's message can quote the
+        data (a CSV cell), which a private client must not send.
+    """
+    try:
+        experiment = experiment_from_run_config(context.run_config)
+    except (OSError, ValueError) as exc:
+        raise DataError(str(exc)) from exc
     partition_id, num_partitions = _node_partition(context)
-    x, y = client_examples(experiment, partition_id=partition_id, num_partitions=num_partitions)
-    model = experiment.build_model()
+    try:
+        x, y = client_examples(experiment, partition_id=partition_id, num_partitions=num_partitions)
+        model = experiment.build_model()
+    except (OSError, ValueError) as exc:
+        if not experiment.client.private:
+            raise DataError(str(exc)) from exc
+        logger.error("client data could not be loaded: %s", exc)
+        raise DataError(f"{type(exc).__name__} (a private client keeps the details in its own log)") from exc
     model.load_state_dict(msg.content["arrays"].to_torch_state_dict())
     return experiment, partition_id, model, x, y
 
@@ -81,8 +106,8 @@ def train(msg: Message, context: Context) -> Message:
     torch.set_num_threads(1)
     try:
         experiment, partition_id, model, x, y = _prepare(msg, context)
-    except (OSError, ValueError) as exc:
-        return _error_reply(msg, code=DATA_ERROR, reason=f"client data could not be loaded: {exc}")
+    except DataError as exc:
+        return _error_reply(msg, code=DATA_ERROR, reason=f"client data could not be loaded: {exc.reason}")
     # audit.level=record: the included canary records of this client join its training data.
     x, y = experiment.audit.client_data(
         x,
@@ -149,8 +174,8 @@ def evaluate(msg: Message, context: Context) -> Message:
     torch.set_num_threads(1)
     try:
         experiment, _, model, x, y = _prepare(msg, context)
-    except (OSError, ValueError) as exc:
-        return _error_reply(msg, code=DATA_ERROR, reason=f"client data could not be loaded: {exc}")
+    except DataError as exc:
+        return _error_reply(msg, code=DATA_ERROR, reason=f"client data could not be loaded: {exc.reason}")
     if experiment.client.private:
         return _error_reply(
             msg,

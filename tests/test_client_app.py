@@ -87,6 +87,31 @@ def test_a_client_whose_data_fails_to_load_replies_with_an_error(tmp_path):
     assert "dataset.root" in answer.error.reason
 
 
+def test_a_private_client_does_not_quote_its_data_in_an_error_reply(tmp_path):
+    # Prepare: a CSV whose bad cell is a record's value; the server knows only the path
+    good, bad = tmp_path / "good.csv", tmp_path / "bad.csv"
+    good.write_text("age,site,outcome\n" + "".join(f"{40 + i},{'AB'[i % 2]},{i % 3 % 2}\n" for i in range(20)))
+    bad.write_text(good.read_text().replace("\n51,", "\nsecret-51,"))
+    settings = ["dataset=csv", "dataset.label_column=outcome", "dataset.silo_column=site", "num_clients=2"]
+
+    # Execute: the server's model has the file's width; the client reads its bad copy
+    answers = {
+        client: client_app.train(
+            request([*settings, f"dataset.path={good}", f"client={client}"]),
+            context_for([*settings, f"dataset.path={bad}", f"client={client}"]),
+        )
+        for client in ("plain", "opacus", "local_dp")
+    }
+
+    # Assert: a plain client says what is wrong (nothing of it is private); private ones do not
+    assert "'secret-51' in row" in answers.pop("plain").error.reason
+    for answer in answers.values():
+        assert answer.error.code == client_app.DATA_ERROR
+        assert answer.error.reason == (
+            "client data could not be loaded: ValueError (a private client keeps the details in its own log)"
+        )
+
+
 def test_a_private_reply_carries_no_loss_and_no_exact_count():
     # Prepare
     context = context_for(PRIVATE)
