@@ -166,7 +166,15 @@ def load_experiment(config: Mapping[str, Any]) -> Experiment:
     if getattr(experiment.client, "private", False) and fraction_evaluate:
         raise ConfigError(
             f"strategy.fraction_evaluate={fraction_evaluate}: federated evaluation would release "
-            "exact client metrics that client=opacus does not cover; the server evaluates on its own split"
+            "exact client metrics that a private client's epsilon does not cover; the server evaluates on its own split"
+        )
+    weighted = config["strategy"].get("weighted")
+    if getattr(experiment.client, "privacy_level", None) == "local" and weighted:
+        # Every local-DP reply has weight 1: bounded weights min(1 / weight_cap, 1)
+        # would shrink every update by weight_cap.
+        raise ConfigError(
+            f"strategy.weighted={weighted}: local-DP clients reply with weight 1 (a size would be an "
+            "unaccounted release); set strategy.weighted=false"
         )
     return experiment
 

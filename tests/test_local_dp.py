@@ -258,3 +258,17 @@ def test_private_noise_differs_between_runs_and_a_seed_replays_it():
     # Execute / Assert
     assert not torch.equal(weights(None), weights(None))
     assert torch.equal(weights(7), weights(7))
+
+
+def test_local_dp_under_server_dp_needs_equal_weights():
+    # Prepare
+    from fedpriv.compose import compose_config
+    from fedpriv.experiment import load_experiment
+    from fedpriv.run_config import ConfigError
+
+    base = ["client=local_dp", "strategy=dp_fixed"]
+
+    # Execute / Assert: bounded weights would shrink every weight-1 update by weight_cap
+    with pytest.raises(ConfigError, match="strategy.weighted=True: local-DP clients reply with weight 1"):
+        load_experiment(compose_config(base))
+    assert load_experiment(compose_config([*base, "strategy.weighted=false"])).client.privacy_level == "local"
