@@ -17,7 +17,7 @@ from clients.privacy_state import STATE_KEY, PrivacyBudgetExhausted
 from fedpriv.experiment import client_examples, experiment_from_run_config
 from fedpriv.logs import get_logger
 from fedpriv.protocol import DECLINE_REASON_KEY, DECLINED_KEY, LEDGER_KEY, RESUMED_KEY, ROUND_KEY, WEIGHT_KEY
-from fedpriv.metrics import evaluation_metrics
+from fedpriv.metrics import dataset_metrics
 
 logger = get_logger(__name__)
 
@@ -182,9 +182,7 @@ def evaluate(msg: Message, context: Context) -> Message:
             code=EVALUATE_REFUSED,
             reason="a private client (record-level or local DP) does not release exact evaluation metrics",
         )
-    scores = evaluation_metrics(
-        model, x, y, num_classes=experiment.dataset.num_classes, costs=getattr(experiment.dataset, "costs", None)
-    )
+    scores = dataset_metrics(model, x, y, dataset=experiment.dataset)
     # eval_loss, eval_accuracy and, for a binary task, eval_auc (when both classes
     # are present here), eval_balanced_accuracy and eval_cost.
     metrics = {

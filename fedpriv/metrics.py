@@ -7,6 +7,8 @@ cost matrix. Pure functions over arrays, plus :func:`evaluation_metrics` for a m
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 import torch
 from scipy.stats import rankdata
@@ -74,3 +76,8 @@ def evaluation_metrics(
             predictions, labels, false_positive=costs[0], false_negative=costs[1]
         )
     return metrics
+
+
+def dataset_metrics(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, dataset: Any) -> dict[str, float | None]:
+    """:func:`evaluation_metrics` with the task's classes and, where it documents one, its cost matrix."""
+    return evaluation_metrics(model, x, y, num_classes=dataset.num_classes, costs=getattr(dataset, "costs", None))

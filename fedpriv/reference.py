@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from fedpriv.experiment import Experiment, client_examples
-from fedpriv.metrics import evaluation_metrics
+from fedpriv.metrics import dataset_metrics
 from fedpriv.training import make_optimizer, train_epochs
 
 
@@ -53,12 +53,6 @@ def reference_points(experiment: Experiment) -> list[dict[str, Any]]:
             batch_size=client.batch_size,
             generator=torch.Generator().manual_seed(seed),
         )
-        scores = evaluation_metrics(
-            model,
-            splits.test_x,
-            splits.test_y,
-            num_classes=experiment.dataset.num_classes,
-            costs=getattr(experiment.dataset, "costs", None),
-        )
+        scores = dataset_metrics(model, splits.test_x, splits.test_y, dataset=experiment.dataset)
         rows.append({"reference": name, "examples": len(y), **scores})
     return rows

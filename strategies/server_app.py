@@ -28,7 +28,7 @@ from fedpriv.logs import get_logger
 from fedpriv.protocol import LEDGER_KEY, RESUMED_KEY
 from fedpriv.results import RunRecorder, merge_results_section
 from fedpriv.run_config import build_component
-from fedpriv.metrics import evaluation_metrics
+from fedpriv.metrics import dataset_metrics
 from strategies.weighted_fedavg import StopRun, WeightedFedAvg
 
 logger = get_logger(__name__)
@@ -158,13 +158,7 @@ def run_experiment(grid: Grid, experiment: Experiment, *, default_output_dir: Pa
         server_round = strategy.run_round(flower_round) if flower_round else 0
         state_dict = arrays.to_torch_state_dict()
         model.load_state_dict(state_dict)
-        scores = evaluation_metrics(
-            model,
-            splits.test_x,
-            splits.test_y,
-            num_classes=experiment.dataset.num_classes,
-            costs=getattr(experiment.dataset, "costs", None),
-        )
+        scores = dataset_metrics(model, splits.test_x, splits.test_y, dataset=experiment.dataset)
         if server_round and not math.isfinite(scores["test_loss"]):
             strategy.reject_model(server_round, reason=f"the server's test loss is {scores['test_loss']}")
             # The previous model stays the global one, with its own test metrics.
