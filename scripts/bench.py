@@ -21,8 +21,9 @@ load from other processes on the machine affects both sides alike:
    with record-level DP at several epsilons and with client-level DP;
 8. local_dp (quick and full): test accuracy of logistic regression with local
    DP (``client=local_dp``) over ``client.epsilon_per_round``, next to central
-   DP (``strategy=dp_fixed``) at the same total epsilon, on breast cancer and
-   digits; a plot goes next to ``--out``. ``--only local_dp`` runs it alone.
+   DP (``strategy=dp_fixed``) at the same total epsilon, on breast cancer, heart
+   disease (IID over 10 clients) and digits; a plot goes next to ``--out``.
+   ``--only local_dp`` runs it alone.
 
 The workload is MNIST-8k (the MNIST test file, 8,000 images for the clients,
 2,000 held out; CNN) with ``--mnist-root``, else scikit-learn's digits (MLP).
@@ -767,7 +768,11 @@ def bench_utility(workload: list[str], *, work_dir: Path) -> dict[str, Any]:
 
 # --- section 8: local DP against central DP --------------------------------------------------
 
-LOCAL_DP_DATASETS = {"breast_cancer": ["dataset=breast_cancer"], "digits": ["dataset=digits"]}
+LOCAL_DP_DATASETS = {
+    "breast_cancer": ["dataset=breast_cancer"],
+    "heart_disease": ["dataset=heart_disease"],
+    "digits": ["dataset=digits"],
+}
 LOCAL_DP_EPSILONS = (1.0, 3.0, 10.0)
 LOCAL_DP_CLIENTS, LOCAL_DP_ROUNDS, LOCAL_DP_DELTA = 10, 10, 1e-5
 
