@@ -276,4 +276,6 @@ def final_summary(final: Mapping[str, Any]) -> str:
     for epsilon, delta in PRIVACY_PAIRS:
         if final.get(epsilon) is not None:
             parts.append(f"{epsilon} {final[epsilon]:.3g} (delta {final[delta]:.3g})")
+    if final.get("epsilon_local_basic_max") is not None:
+        parts.append(f"epsilon_local_basic_max {final['epsilon_local_basic_max']:.3g} (delta 0)")
     return ", ".join(part for part in parts if part)

@@ -34,7 +34,9 @@ from strategies.weighted_fedavg import StopRun, WeightedFedAvg
 logger = get_logger(__name__)
 
 app = ServerApp()
-PRIVACY_LOG_FIELDS = ("epsilon_user", "epsilon_record_max", "epsilon_local_max", "noise_std", "clipping_norm")
+PRIVACY_LOG_FIELDS = (
+    "epsilon_user", "epsilon_record_max", "epsilon_local_max", "epsilon_local_basic_max", "noise_std", "clipping_norm"
+)
 SEED_KEYS = ("sampling_seed", "noise_seed")
 
 

@@ -233,7 +233,7 @@ def test_a_local_dp_run_on_four_hospitals_reports_its_epsilon_and_auc_and_stops_
     after = [laplace_epsilon([(1.0, 1.0, k)], delta=1e-5) for k in (1, 2)]
 
     # Execute
-    _, out = run(tmp_path, *overrides)
+    result, out = run(tmp_path, *overrides)
 
     # Assert: the local epsilon grows with every round a client released in, by both bounds
     document = json.loads((out / "results.json").read_text())
@@ -250,3 +250,7 @@ def test_a_local_dp_run_on_four_hospitals_reports_its_epsilon_and_auc_and_stops_
     assert final["epsilon_local_max"] == pytest.approx(after[1])
     assert (final["delta_local"], final["epsilon_local_basic_max"]) == (1e-5, 2.0)
     assert matplotlib.image.imread(out / "epsilon.png").ndim == 3
+    # Assert: the console shows both bounds every round and at the end
+    output = result.stdout + result.stderr
+    assert "round 2/4: test accuracy" in output and "epsilon_local_max 2, epsilon_local_basic_max 2 |" in output
+    assert "epsilon_local_max 2 (delta 1e-05), epsilon_local_basic_max 2 (delta 0)" in output
