@@ -300,6 +300,12 @@ class CSV(Dataset):
                 raise ValueError(f"{key}: no column {absent[0]!r} in {self.path} (columns: {', '.join(header)})")
         if not numeric and not self.categorical_columns:
             raise ValueError(f"dataset.feature_columns: {self.path} has no feature column")
+        reserved = {self.label_column, self.silo_column, *(column for column, _ in self.categorical_columns)}
+        overlap = [column for column in numeric if column in reserved]
+        if overlap:
+            raise ValueError(
+                f"dataset.feature_columns: {overlap[0]!r} is the label, the silo or a categorical column"
+            )
         where = {name: i for i, name in enumerate(header)}
         values, onehots, labels, silos = [], [], [], []
         with open(self.path, newline="") as handle:
@@ -314,7 +320,10 @@ class CSV(Dataset):
                     )
                 values.append([_number(row[where[c]], column=c, row=row_number, path=self.path) for c in numeric])
                 onehots.append(self._one_hot(row, where=where, row_number=row_number))
-                labels.append(row[where[self.label_column]].strip())
+                label = row[where[self.label_column]].strip()
+                if label.lower() in _MISSING:
+                    raise ValueError(f"dataset.label_column={self.label_column!r}: row {row_number} of {self.path} has no label")
+                labels.append(label)
                 if self.silo_column:
                     silos.append(row[where[self.silo_column]].strip())
         classes = sorted(set(labels), key=_sort_key)

@@ -183,6 +183,9 @@ def test_a_users_csv_becomes_values_indicators_and_one_hot_columns_with_one_clie
         (["40,yes,A,high,1", "50,no,B,200,0"], {}, "column 'chol' has the non-numeric value 'high' in row 2"),
         (["40,yes,A,200,1", "50,no,B,210,1"], {}, "dataset.label_column='outcome': .* has only one class \\('1'\\)"),
         (["40,maybe,A,200,1", "50,no,B,210,0"], {}, "dataset.categorical_columns.smoker: the value 'maybe' in row 2"),
+        (["40,yes,A,200,1", "50,no,B,,"], {}, "dataset.label_column='outcome': row 3 of .* has no label"),
+        (["40,yes,A,200,1", "50,no,B,210,0"], {"feature_columns": ["age", "outcome"]},
+         "dataset.feature_columns: 'outcome' is the label, the silo or a categorical column"),
         # B's one patient goes to the test split (half of each site and class, rounded up)
         (["40,yes,A,200,1", "50,no,A,210,0", "60,no,B,220,1", "45,no,A,205,1", "55,yes,A,215,0"],
          {"test_fraction": 0.5},
