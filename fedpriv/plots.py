@@ -1,4 +1,4 @@
-"""PNG plots of a run's per-round metrics (accuracy, loss, epsilon)."""
+"""PNG plots of a run's per-round metrics (accuracy, loss, epsilon, bytes on the wire)."""
 
 from __future__ import annotations
 
@@ -37,7 +37,7 @@ def _plot(rows, *, keys: dict[str, str], ylabel: str, title: str, path: Path) ->
 
 
 def plot_rounds(rows: Sequence[dict[str, Any]], *, output_dir: Path) -> list[Path]:
-    """Write ``accuracy.png``, ``loss.png`` and, when privacy is on, ``epsilon.png``.
+    """Write ``accuracy.png``, ``loss.png``, ``communication.png`` and, when privacy is on, ``epsilon.png``.
 
     Returns
     -------
@@ -71,4 +71,21 @@ def plot_rounds(rows: Sequence[dict[str, Any]], *, output_dir: Path) -> list[Pat
         path = Path(output_dir) / name
         if _plot(rows, keys=keys, ylabel=ylabel, title=title, path=path):
             written.append(path)
+    path = Path(output_dir) / "communication.png"
+    if _plot(_cumulative_megabytes(rows), keys=TRAFFIC_LINES, ylabel="MB, cumulative", title="Bytes on the wire", path=path):
+        written.append(path)
     return written
+
+
+TRAFFIC_LINES = {"mb_down": "server to clients", "mb_up": "clients to server"}
+
+
+def _cumulative_megabytes(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Rows of cumulative megabytes down and up, from the rows that have byte counts."""
+    cumulative, down, up = [], 0.0, 0.0
+    for row in rows:
+        if row.get("bytes_down") is None or row.get("bytes_up") is None:
+            continue
+        down, up = down + row["bytes_down"] / 1e6, up + row["bytes_up"] / 1e6
+        cumulative.append({"round": row["round"], "mb_down": down, "mb_up": up})
+    return cumulative

@@ -61,6 +61,8 @@ def round_line(row: dict[str, Any], *, rounds: list[dict[str, Any]], total_round
         parts.append(f"{row['num_clients']} clients, {row.get('num_rejected') or 0} rejected")
     if row.get("seconds") is not None:
         parts.append(f"{row['seconds']:.1f}s")
+    if row.get("bytes_up") is not None:
+        parts.append(f"{row['bytes_down'] / 1e6:.2f} MB down, {row['bytes_up'] / 1e6:.2f} MB up")
     parts += [f"{key} {row[key]:.3g}" for key in PRIVACY_LOG_FIELDS if row.get(key) is not None]
     line = ", ".join(parts)
     if all(r.get("seconds") is not None for r in rounds):
@@ -196,7 +198,7 @@ def run_experiment(grid: Grid, experiment: Experiment, *, default_output_dir: Pa
         stop = raised
     if stop is not None:
         logger.warning("run stopped early: %s", stop)
-    final = {**latest["scores"], **strategy.privacy_summary()}
+    final = {**latest["scores"], **strategy.privacy_summary(), **strategy.traffic.summary()}
     document = recorder.finish(
         stopped_reason=stop.reason if stop else "completed",
         detail=stop.detail if stop else "",

@@ -32,6 +32,7 @@ from strategies.aggregation import (
 )
 from strategies.nodes import NodeTracker
 from strategies.client_privacy import REPLY_PRIVACY_KEYS, ClientPrivacyTally
+from strategies.communication import TrafficTally
 
 logger = get_logger(__name__)
 
@@ -172,6 +173,7 @@ class WeightedFedAvg(Strategy):
         self.train_metrics: dict[int, dict[str, float]] = {}
         self.stop: StopRun | None = None
         self.client_privacy = ClientPrivacyTally()
+        self.traffic = TrafficTally()
         self.nodes = NodeTracker(min_available_nodes=min_available_nodes, wait_seconds=node_wait_seconds)
         self.completed_rounds = 0  # before this process: a resumed run goes on after them
         self._round_nodes: dict[int, dict[str, int]] = {}  # per round, from configure_train
@@ -260,9 +262,11 @@ class WeightedFedAvg(Strategy):
         self._round_nodes[server_round] = {**self.nodes.counts, "num_sampled": len(node_ids)}
         self._round_sampled[server_round] = list(node_ids)
         logger.debug("round %d: training on %d nodes", server_round, len(node_ids))
-        return self._messages(
+        messages = self._messages(
             arrays=arrays, config=config, server_round=server_round, node_ids=node_ids, kind=MessageType.TRAIN
         )
+        self.traffic.sent(server_round, messages)
+        return messages
 
     def validate_train_replies(
         self, replies: Iterable[Message]
@@ -320,6 +324,8 @@ class WeightedFedAvg(Strategy):
         # answer of their own.
         unavailable = sum(1 for msg in replies if _node_unavailable(msg))
         replies = [msg for msg in replies if not _node_unavailable(msg)]
+        # Flower's stand-in errors come from the SuperLink, not over a client's link.
+        traffic = self.traffic.received(server_round, replies)
         nodes = self._round_nodes.pop(server_round, {})
         sampled = self._round_sampled.pop(server_round, None)
         if sampled is not None:
@@ -352,6 +358,7 @@ class WeightedFedAvg(Strategy):
             **{f"client_{key}": value for key, value in client_metrics.items()},
             **self.client_privacy.track([*valid, *declined]),
             **nodes,
+            **traffic,
         }
         arrays = None
         if not self.releases_update(valid):
@@ -411,7 +418,7 @@ class WeightedFedAvg(Strategy):
 
     def resume_state(self) -> dict[str, Any]:
         """What a checkpoint keeps so that :meth:`restore` can go on after this round."""
-        return self.client_privacy.state()
+        return {**self.client_privacy.state(), **self.traffic.state()}
 
     def run_round(self, flower_round: int) -> int:
         """The run's number of Flower's round ``flower_round`` (Flower counts from 1 in every process).
@@ -427,6 +434,7 @@ class WeightedFedAvg(Strategy):
             raise ValueError(f"completed_rounds={completed_rounds!r}: must be an integer >= 0")
         self.completed_rounds = completed_rounds
         self.client_privacy.restore(state)
+        self.traffic.restore(state)
 
     def configure_evaluate(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid

@@ -79,8 +79,14 @@ def test_simulation_writes_the_results_contract_and_rejects_malformed_replies(tm
         rows = list(csv.DictReader(handle))
     assert [int(r["round"]) for r in rows] == [1, 2]
     assert float(rows[1]["test_accuracy"]) == rounds[1]["test_accuracy"]
-    for name in ("accuracy.png", "loss.png"):
+    for name in ("accuracy.png", "loss.png", "communication.png"):
         assert matplotlib.image.imread(out / name).ndim == 3
+    # Assert: bytes on the wire, per round and in total: 4 float32 models down, 4 up
+    # (the malformed replies are models too), plus Flower's framing
+    model_bytes = 4 * sum(value.numel() for value in torch.load(out / "model.pt").values())
+    assert all(4 * model_bytes < row[key] < 4 * model_bytes * 1.1 for row in rounds for key in ("bytes_down", "bytes_up"))
+    assert final["bytes_down_total"] == sum(row["bytes_down"] for row in rounds)
+    assert final["bytes_up_total"] == sum(row["bytes_up"] for row in rounds)
     assert not (out / "epsilon.png").exists()
     model = load_experiment(expected_config).build_model()
     model.load_state_dict(torch.load(out / "model.pt"))
@@ -89,7 +95,7 @@ def test_simulation_writes_the_results_contract_and_rejects_malformed_replies(tm
     # Assert: a quiet console, one line per round (not twice: Hydra's root
     # handler and flwr's own); Flower's detail is in the run's log file
     output = result.stdout + result.stderr
-    assert output.count("round 2/2: test accuracy") == 1
+    assert output.count("round 2/2: test accuracy") == 1 and " MB down, " in output
     assert "[ROUND 2/2]" not in output and "alembic" not in output
     assert (out / "fedpriv.log").read_text().count("[ROUND 2/2]") == 1
 

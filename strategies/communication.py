@@ -1,0 +1,51 @@
+"""Bytes on the wire: the serialized size of the messages a round sends and receives."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+from flwr.app import Message
+from flwr.common.serde import message_to_proto
+
+
+def message_bytes(messages: Iterable[Message]) -> int:
+    """Total size of ``messages`` as Flower serializes them (protobuf), in bytes."""
+    return sum(message_to_proto(msg).ByteSize() for msg in messages)
+
+
+class TrafficTally:
+    """The bytes each round sent to clients (down) and received from them (up), and the run's totals.
+
+    A resume carries the totals over (:meth:`state`, :meth:`restore`).
+    """
+
+    def __init__(self) -> None:
+        self.down = 0
+        self.up = 0
+        self._pending: dict[int, int] = {}
+
+    def sent(self, server_round: int, messages: Iterable[Message]) -> None:
+        """Count the messages of round ``server_round``'s request."""
+        size = message_bytes(messages)
+        self._pending[server_round] = size
+        self.down += size
+
+    def received(self, server_round: int, replies: Iterable[Message]) -> dict[str, int]:
+        """Count round ``server_round``'s replies; return its ``bytes_down`` and ``bytes_up``."""
+        size = message_bytes(replies)
+        self.up += size
+        return {"bytes_down": self._pending.pop(server_round, 0), "bytes_up": size}
+
+    def summary(self) -> dict[str, int]:
+        """``bytes_down_total`` and ``bytes_up_total`` of the whole run."""
+        return {"bytes_down_total": self.down, "bytes_up_total": self.up}
+
+    def state(self) -> dict[str, int]:
+        """What a checkpoint keeps."""
+        return self.summary()
+
+    def restore(self, state: Mapping[str, Any]) -> None:
+        """Go on from :meth:`state` of an earlier run."""
+        self.down = int(state.get("bytes_down_total") or 0)
+        self.up = int(state.get("bytes_up_total") or 0)
