@@ -10,8 +10,22 @@ from flwr.common.serde import message_to_proto
 
 
 def message_bytes(messages: Iterable[Message]) -> int:
-    """Total size of ``messages`` as Flower serializes them (protobuf), in bytes."""
-    return sum(message_to_proto(msg).ByteSize() for msg in messages)
+    """Total size of ``messages`` as Flower serializes them (protobuf), in bytes.
+
+    A message Flower cannot serialize (a hostile reply in a simulation, where
+    nothing is serialized: a declared shape beyond protobuf's integers, say)
+    counts the bytes of its arrays: counting never fails a round.
+    """
+    return sum(_size(msg) for msg in messages)
+
+
+def _size(msg: Message) -> int:
+    try:
+        return message_to_proto(msg).ByteSize()
+    except (ValueError, TypeError, OverflowError):
+        if msg.has_error():
+            return 0
+        return sum(len(array.data) for record in msg.content.array_records.values() for array in record.values())
 
 
 class TrafficTally:
