@@ -14,7 +14,7 @@ import torch
 from scipy.stats import rankdata
 from torch import nn
 
-from fedpriv.training import evaluate
+from fedpriv.training import loss_and_accuracy, predict
 
 
 def roc_auc(scores: np.ndarray, labels: np.ndarray) -> float | None:
@@ -59,12 +59,13 @@ def evaluation_metrics(
     With ``costs`` (false positive, false negative), also ``test_cost``, the mean
     misclassification cost.
     """
-    loss, accuracy = evaluate(model, x, y)
+    # One forward pass serves every metric.
+    logits = predict(model, x)
+    loss, accuracy = loss_and_accuracy(logits, y)
     metrics: dict[str, float | None] = {"test_loss": loss, "test_accuracy": accuracy}
     if num_classes != 2:
         return metrics
-    with torch.no_grad():
-        logits = model(x).double()
+    logits = logits.double()
     labels = y.numpy()
     predictions = logits.argmax(dim=1).numpy()
     # The positive class's log-odds ranks examples as its probability does, without overflow.

@@ -57,17 +57,27 @@ def train_epochs(
 
 
 @torch.no_grad()
+def predict(model: nn.Module, x: torch.Tensor, *, batch_size: int = 1024) -> torch.Tensor:
+    """Logits of ``model`` on ``x``, in eval mode, ``batch_size`` examples at a time."""
+    model.eval()
+    return torch.cat([model(x[start : start + batch_size]) for start in range(0, max(len(x), 1), batch_size)])
+
+
+@torch.no_grad()
+def loss_and_accuracy(logits: torch.Tensor, y: torch.Tensor, *, batch_size: int = 1024) -> tuple[float, float]:
+    """Mean cross-entropy loss and accuracy of ``logits`` for labels ``y`` (summed batch by batch)."""
+    loss_fn = nn.CrossEntropyLoss(reduction="sum")
+    loss, correct = 0.0, 0
+    for start in range(0, len(y), batch_size):
+        chunk, target = logits[start : start + batch_size], y[start : start + batch_size]
+        loss += loss_fn(chunk, target).item()
+        correct += (chunk.argmax(dim=1) == target).sum().item()
+    count = max(len(y), 1)
+    return loss / count, correct / count
+
+
 def evaluate(
     model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, batch_size: int = 1024
 ) -> tuple[float, float]:
     """Return mean cross-entropy loss and accuracy of ``model`` on ``(x, y)``."""
-    model.eval()
-    loss_fn = nn.CrossEntropyLoss(reduction="sum")
-    loss, correct = 0.0, 0
-    for start in range(0, len(y), batch_size):
-        logits = model(x[start : start + batch_size])
-        target = y[start : start + batch_size]
-        loss += loss_fn(logits, target).item()
-        correct += (logits.argmax(dim=1) == target).sum().item()
-    count = max(len(y), 1)
-    return loss / count, correct / count
+    return loss_and_accuracy(predict(model, x, batch_size=batch_size), y, batch_size=batch_size)
