@@ -34,6 +34,7 @@ from clients.plain import PlainTraining, TrainOutcome
 from clients.privacy_state import STATE_KEY, PrivacyBudgetExhausted
 from fedpriv.checks import check_choice, check_delta, check_real
 from fedpriv.logs import get_logger
+from fedpriv.protocol import LOCAL_BASIC_EPSILON_KEY, PRIVACY_REPLY_KEYS
 
 logger = get_logger(__name__)
 
@@ -186,11 +187,11 @@ class LocalDPTraining(PlainTraining):
         )
         ledger.record(**release)
         state[STATE_KEY] = ConfigRecord({**ledger.state_dict(), "mechanism": self.mechanism})
-        epsilon = ledger.epsilon(self.target_delta)
-        metrics = {"epsilon_local": float(epsilon), "delta_local": float(self.target_delta)}
+        epsilon_key, delta_key = PRIVACY_REPLY_KEYS["local"]
+        metrics = {epsilon_key: float(ledger.epsilon(self.target_delta)), delta_key: float(self.target_delta)}
         basic = ledger.basic_epsilon()
         if basic is not None:
-            metrics["epsilon_local_basic"] = float(basic)
+            metrics[LOCAL_BASIC_EPSILON_KEY] = float(basic)
         return TrainOutcome(loss=None, num_examples=1.0, metrics=metrics)
 
     def privatize(self, update: list[np.ndarray], *, rng: np.random.Generator) -> list[np.ndarray]:

@@ -48,6 +48,7 @@ from clients.privacy_state import STATE_KEY, PrivacyBudgetExhausted
 from fedpriv.checks import check_choice, check_delta, check_noise_multiplier, check_real
 from fedpriv.logs import get_logger
 from fedpriv.opacus_logging import opacus_logging_contained
+from fedpriv.protocol import PRIVACY_REPLY_KEYS
 from fedpriv.training import make_optimizer
 
 logger = get_logger(__name__)
@@ -480,7 +481,8 @@ class OpacusTraining:
         state[STATE_KEY] = _ledger_record(projected, count=count, noise_multiplier=noise_multiplier)
         # Without noise epsilon is infinite: there is no claim to report, and
         # the server refuses non-finite metrics.
-        claim = {"epsilon": float(epsilon), "delta": float(delta)} if math.isfinite(epsilon) else {}
+        epsilon_key, delta_key = PRIVACY_REPLY_KEYS["record"]
+        claim = {epsilon_key: float(epsilon), delta_key: float(delta)} if math.isfinite(epsilon) else {}
         metrics = {
             **claim,
             "noise_multiplier": float(noise_multiplier),

@@ -7,11 +7,10 @@ would take it past its budget by raising :class:`PrivacyBudgetExhausted`.
 
 from __future__ import annotations
 
+from fedpriv.protocol import PRIVACY_REPLY_KEYS
+
 STATE_KEY = "fedpriv.privacy"
 """Key of the ``ConfigRecord`` in the node state that holds the client's ledger."""
-
-REPLY_KEYS = {"record": ("epsilon", "delta"), "local": ("epsilon_local", "delta_local")}
-"""The reply metrics in which a client of each privacy level reports its epsilon and delta."""
 
 
 class PrivacyBudgetExhausted(RuntimeError):
@@ -50,5 +49,5 @@ class PrivacyBudgetExhausted(RuntimeError):
 
     def reply_metrics(self) -> dict[str, float]:
         """The privacy spent so far, under the reply keys of the client's level."""
-        epsilon_key, delta_key = REPLY_KEYS[self.level]
+        epsilon_key, delta_key = PRIVACY_REPLY_KEYS[self.level]
         return {epsilon_key: self.epsilon, delta_key: self.delta}

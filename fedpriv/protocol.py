@@ -16,3 +16,8 @@ LEDGER_KEY = "privacy-ledger-id"
 RESUMED_KEY = "resumed-after-round"
 # Why a client declined: a short reason in its decline reply's ConfigRecord.
 DECLINE_REASON_KEY = "decline-reason"
+# The privacy a private client reports in its reply metrics (and in a decline):
+# its cumulative epsilon and that epsilon's delta, for each kind of client-side DP.
+PRIVACY_REPLY_KEYS = {"record": ("epsilon", "delta"), "local": ("epsilon_local", "delta_local")}
+# A local-DP client also reports its epsilon by basic composition (delta 0).
+LOCAL_BASIC_EPSILON_KEY = "epsilon_local_basic"

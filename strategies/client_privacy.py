@@ -6,6 +6,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from fedpriv.protocol import LOCAL_BASIC_EPSILON_KEY, PRIVACY_REPLY_KEYS
 from strategies.aggregation import MetricsReply, TrainReply
 
 
@@ -30,11 +31,15 @@ class ReportedPrivacy:
     name: str
 
 
-RECORD_LEVEL = ReportedPrivacy(epsilon_key="epsilon", delta_key="delta", basic_key=None, name="record")
-LOCAL = ReportedPrivacy(
-    epsilon_key="epsilon_local", delta_key="delta_local", basic_key="epsilon_local_basic", name="local"
+KINDS = tuple(
+    ReportedPrivacy(
+        epsilon_key=epsilon_key,
+        delta_key=delta_key,
+        basic_key=LOCAL_BASIC_EPSILON_KEY if name == "local" else None,
+        name=name,
+    )
+    for name, (epsilon_key, delta_key) in PRIVACY_REPLY_KEYS.items()
 )
-KINDS = (RECORD_LEVEL, LOCAL)
 REPLY_PRIVACY_KEYS = tuple(
     key for kind in KINDS for key in (kind.epsilon_key, kind.delta_key, kind.basic_key) if key is not None
 )
