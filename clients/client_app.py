@@ -56,7 +56,7 @@ def training_seed(*, experiment, server_round: int, partition_id: int) -> int | 
     system unless the run asks for ``seeded_noise`` (tests only: anyone who
     knows ``seed`` could then replay the noise).
     """
-    if experiment.client.private and not experiment.settings.seeded_noise:
+    if experiment.client.privacy_level is not None and not experiment.settings.seeded_noise:
         return None
     # Distinct, reproducible streams per (run seed, round, client).
     return int(
@@ -91,7 +91,7 @@ def _prepare(msg: Message, context: Context):
         x, y = client_examples(experiment, partition_id=partition_id, num_partitions=num_partitions)
         model = experiment.build_model()
     except (OSError, ValueError) as exc:
-        if not experiment.client.private:
+        if experiment.client.privacy_level is None:
             raise DataError(str(exc)) from exc
         logger.error("client data could not be loaded: %s", exc)
         raise DataError(f"{type(exc).__name__} (a private client keeps the details in its own log)") from exc
@@ -132,7 +132,8 @@ def train(msg: Message, context: Context) -> Message:
         # Training without the ledger would forget the epsilon it holds.
         return _error_reply(msg, code=DATA_ERROR, reason=str(exc))
     resumed_after = int(msg.content["config"].get(RESUMED_KEY, 0))
-    if experiment.client.private and resumed_after and STATE_KEY not in context.state.config_records:
+    private = experiment.client.privacy_level is not None
+    if private and resumed_after and STATE_KEY not in context.state.config_records:
         # It cannot tell a lost ledger from one it never wrote: starting from
         # zero could under-report its epsilon, so it trains no more in this run.
         reason = (
@@ -176,7 +177,7 @@ def evaluate(msg: Message, context: Context) -> Message:
         experiment, _, model, x, y = _prepare(msg, context)
     except DataError as exc:
         return _error_reply(msg, code=DATA_ERROR, reason=f"client data could not be loaded: {exc.reason}")
-    if experiment.client.private:
+    if experiment.client.privacy_level is not None:
         return _error_reply(
             msg,
             code=EVALUATE_REFUSED,

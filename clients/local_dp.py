@@ -68,10 +68,8 @@ class LocalDPTraining(PlainTraining):
         it is declined with :class:`PrivacyBudgetExhausted`, releasing nothing.
     """
 
-    private: ClassVar[bool] = True
-    """Replies are local DP: no exact statistic may leave the client."""
-
     privacy_level: ClassVar[str | None] = "local"
+    """Replies are local DP: no exact statistic may leave the client."""
 
     local_epochs: int = 1
     batch_size: int = 16

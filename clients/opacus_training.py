@@ -275,10 +275,8 @@ class OpacusTraining:
         above it is declined with :class:`PrivacyBudgetExhausted`.
     """
 
-    private: ClassVar[bool] = True
-    """Replies are record-level DP: no exact statistic may leave the client."""
-
     privacy_level: ClassVar[str | None] = "record"
+    """Replies are record-level DP: no exact statistic may leave the client."""
 
     local_epochs: int = 1
     batch_size: int = 32

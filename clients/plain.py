@@ -76,11 +76,10 @@ class PlainTraining:
         L2 penalty.
     """
 
-    private: ClassVar[bool] = False
-    """Replies carry exact statistics (loss, example count)."""
-
     privacy_level: ClassVar[str | None] = None
-    """Which DP the client's replies have: ``None``, ``record`` (DP-SGD) or ``local``."""
+    """Which DP the client's replies have: ``None`` (exact statistics: loss, example
+    count), ``record`` (DP-SGD) or ``local``; a client with either DP is private and
+    sends nothing its epsilon does not cover."""
 
     local_epochs: int = 5
     batch_size: int = 16

@@ -163,7 +163,7 @@ def load_experiment(config: Mapping[str, Any]) -> Experiment:
     except ValueError as exc:
         raise ConfigError(str(exc)) from exc
     fraction_evaluate = config["strategy"].get("fraction_evaluate", 0.0)
-    if getattr(experiment.client, "private", False) and fraction_evaluate:
+    if getattr(experiment.client, "privacy_level", None) is not None and fraction_evaluate:
         raise ConfigError(
             f"strategy.fraction_evaluate={fraction_evaluate}: federated evaluation would release "
             "exact client metrics that a private client's epsilon does not cover; the server evaluates on its own split"
