@@ -11,6 +11,7 @@ test split is prepared the same way with the test split's own statistics.
 from __future__ import annotations
 
 import csv
+import functools
 import math
 import os
 from collections.abc import Mapping, Sequence
@@ -106,9 +107,8 @@ class HeartDisease(Dataset):
         table = np.concatenate(tables)
         silo = np.concatenate([np.full(len(t), i) for i, t in enumerate(tables)])
         values = table[:, : len(HEART_DISEASE_FEATURES)].copy()
-        values[:, HEART_DISEASE_FEATURES.index("chol")] = np.where(
-            values[:, HEART_DISEASE_FEATURES.index("chol")] == 0, np.nan, values[:, HEART_DISEASE_FEATURES.index("chol")]
-        )
+        chol = values[:, HEART_DISEASE_FEATURES.index("chol")]  # a view: 0 means missing
+        chol[chol == 0] = np.nan
         labels = (table[:, -1] > 0).astype(np.int64)
         train, test = stratified_split(
             silo * 2 + labels, test_fraction=self.test_fraction, rng=np.random.default_rng(self.seed)
@@ -268,7 +268,12 @@ class CSV(Dataset):
 
     def local_features(self, x: torch.Tensor) -> torch.Tensor:
         """One party's rows, imputed and standardized with that party's own statistics."""
-        return standardize_locally(x, value_columns=len(self._numeric_columns(self._header())))
+        return standardize_locally(x, value_columns=self._value_columns)
+
+    @functools.cached_property
+    def _value_columns(self) -> int:
+        # Read once per dataset object: every client calls local_features every round.
+        return len(self._numeric_columns(self._header()))
 
     def _header(self) -> list[str]:
         if not os.path.isfile(self.path):
