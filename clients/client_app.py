@@ -7,17 +7,33 @@ process), keyed by the run config.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any
+
 import numpy as np
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from clients.node_state import node_state_path, restore_node_state, save_node_state
 from clients.privacy_state import STATE_KEY, PrivacyBudgetExhausted
 from fedpriv.experiment import client_examples, experiment_from_run_config
 from fedpriv.logs import get_logger
-from fedpriv.protocol import DECLINE_REASON_KEY, DECLINED_KEY, LEDGER_KEY, RESUMED_KEY, ROUND_KEY, WEIGHT_KEY
 from fedpriv.metrics import dataset_metrics
+from fedpriv.protocol import (
+    DECLINE_REASON_KEY,
+    DECLINED_KEY,
+    LEDGER_KEY,
+    LOCAL_BASIC_EPSILON_KEY,
+    PRIVACY_REPLY_KEYS,
+    RESUMED_KEY,
+    ROUND_KEY,
+    WEIGHT_KEY,
+)
+from fedpriv.secagg import client as secagg_client
+from fedpriv.secagg import messages as secagg
+from fedpriv.secagg.messages import RECORD as SECAGG_RECORD
 
 logger = get_logger(__name__)
 
@@ -25,6 +41,11 @@ logger = get_logger(__name__)
 DATA_ERROR = 101
 TRAIN_ERROR = 102
 EVALUATE_REFUSED = 103
+SECURE_REFUSED = 104
+PRIVACY_METRIC_KEYS = frozenset(
+    {key for keys in PRIVACY_REPLY_KEYS.values() for key in keys} | {LOCAL_BASIC_EPSILON_KEY}
+)
+"""Reply metrics a secure round's setup reply may carry: the privacy a client has spent."""
 
 app = ClientApp()
 
@@ -99,11 +120,18 @@ def _prepare(msg: Message, context: Context):
     return experiment, partition_id, model, x, y
 
 
-@app.train()
-def train(msg: Message, context: Context) -> Message:
-    """Train the received global model on this node's partition for one round."""
-    # One simulated client per core: intra-op threads would only contend.
-    torch.set_num_threads(1)
+@dataclass(frozen=True)
+class TrainedRound:
+    """A round's local training that succeeded: what the reply is made from."""
+
+    experiment: Any
+    model: torch.nn.Module
+    outcome: Any
+    seed: int | None
+
+
+def _train_locally(msg: Message, context: Context) -> TrainedRound | Message:
+    """Train the received global model on this node's partition; an error or decline reply if it cannot."""
     try:
         experiment, partition_id, model, x, y = _prepare(msg, context)
     except DataError as exc:
@@ -157,12 +185,110 @@ def train(msg: Message, context: Context) -> Message:
         return _error_reply(msg, code=TRAIN_ERROR, reason=f"local training failed: {exc}")
     if state_path is not None:
         save_node_state(context.state, state_path)
+    return TrainedRound(experiment=experiment, model=model, outcome=outcome, seed=seed)
+
+
+@app.train()
+def train(msg: Message, context: Context) -> Message:
+    """Train the received global model on this node's partition for one round.
+
+    A message with a SecAgg+ record is one stage of a secure round
+    (:func:`secure_stage`); a client of a ``secure=secagg`` run answers
+    nothing else, so its update never leaves it unmasked.
+    """
+    # One simulated client per core: intra-op threads would only contend.
+    torch.set_num_threads(1)
+    if SECAGG_RECORD in msg.content.config_records:
+        return secure_stage(msg, context)
+    if _secure_run(context):
+        return _error_reply(
+            msg, code=SECURE_REFUSED, reason="secure=secagg: this client sends its update only through SecAgg+"
+        )
+    trained = _train_locally(msg, context)
+    if isinstance(trained, Message):
+        return trained
+    outcome = trained.outcome
     loss = {} if outcome.loss is None else {"train_loss": outcome.loss}
     metrics = {WEIGHT_KEY: outcome.num_examples, **loss, **outcome.metrics}
     content = RecordDict(
-        {"arrays": ArrayRecord(model.state_dict()), "metrics": MetricRecord(metrics)}
+        {"arrays": ArrayRecord(trained.model.state_dict()), "metrics": MetricRecord(metrics)}
     )
     return Message(content=content, reply_to=msg)
+
+
+def _secure_run(context: Context) -> bool:
+    try:
+        return experiment_from_run_config(context.run_config).secure.enabled
+    except (OSError, ValueError):
+        return False
+
+
+def _flat(arrays: Iterable[np.ndarray]) -> np.ndarray:
+    """One float64 vector of ``arrays``, in order (the global model's order)."""
+    return np.concatenate([np.asarray(value, dtype=np.float64).ravel() for value in arrays])
+
+
+def secure_stage(msg: Message, context: Context) -> Message:
+    """Answer one SecAgg+ stage; the setup stage trains first and keeps the encoded update.
+
+    The encoded update waits in ``context.state`` (never in a reply) until
+    the masking stage; the protocol state (secret keys, shares) lives there
+    too, for this round only, and is never written to the node's ledger file.
+    """
+    record = msg.content.config_records[SECAGG_RECORD]
+    stage = record.get(secagg.STAGE)
+    try:
+        if stage == secagg.SETUP:
+            return _secure_setup(msg, context, record)
+        protocol = dict(context.state.config_records[SECAGG_RECORD]) if SECAGG_RECORD in context.state.config_records else None
+        if protocol is None:
+            raise ValueError(f"stage {stage!r} without a setup in this round")
+        if stage == secagg.SHARE_KEYS:
+            protocol, answer = secagg_client.share_keys(protocol, record)
+            context.state[SECAGG_RECORD] = ConfigRecord(protocol)
+            return Message(content=RecordDict({SECAGG_RECORD: ConfigRecord(answer)}), reply_to=msg)
+        if stage == secagg.COLLECT_MASKED:
+            encoded = context.state.array_records[secagg.INPUT_RECORD]["input"].numpy()
+            protocol, masked = secagg_client.collect_masked(protocol, record, encoded=encoded)
+            context.state[SECAGG_RECORD] = ConfigRecord(protocol)
+            del context.state[secagg.INPUT_RECORD]
+            content = RecordDict({secagg.MASKED: ArrayRecord({secagg.MASKED: Array(masked)})})
+            return Message(content=content, reply_to=msg)
+        if stage == secagg.UNMASK:
+            answer = secagg_client.unmask(protocol, record)
+            # One answer per round: a second request could pair seed and key shares.
+            del context.state[SECAGG_RECORD]
+            return Message(content=RecordDict({SECAGG_RECORD: ConfigRecord(answer)}), reply_to=msg)
+        raise ValueError(f"stage={stage!r}: not a SecAgg+ stage")
+    except (KeyError, TypeError, ValueError) as exc:
+        return _error_reply(msg, code=SECURE_REFUSED, reason=f"secure aggregation: {type(exc).__name__}: {exc}")
+
+
+def _secure_setup(msg: Message, context: Context, record: ConfigRecord) -> Message:
+    """Train, encode the update for the round's sum, keep it, and answer with fresh public keys."""
+    for name in (SECAGG_RECORD, secagg.INPUT_RECORD):
+        if name in context.state:
+            del context.state[name]
+    encoding = secagg.encoding_from_record(record)
+    if "arrays" not in msg.content.array_records:
+        raise ValueError("the setup message carries no model")
+    received = _flat(array.numpy() for array in msg.content.array_records["arrays"].values())
+    trained = _train_locally(msg, context)
+    if isinstance(trained, Message):
+        return trained
+    update = _flat(value.detach().cpu().numpy() for value in trained.model.state_dict().values()) - received
+    rng = np.random.default_rng(trained.seed)
+    encoded = encoding.encode(update, num_examples=trained.outcome.num_examples, rng=rng)
+    protocol, answer = secagg_client.setup(node_id=msg.metadata.dst_node_id, config=record)
+    context.state[SECAGG_RECORD] = ConfigRecord(protocol)
+    context.state[secagg.INPUT_RECORD] = ArrayRecord({"input": Array(encoded)})
+    # Only what the threat model publishes: the privacy this client has spent.
+    content = {SECAGG_RECORD: ConfigRecord(answer)}
+    if trained.outcome.metrics:
+        privacy = {k: v for k, v in trained.outcome.metrics.items() if k in PRIVACY_METRIC_KEYS}
+        if privacy:
+            content["metrics"] = MetricRecord(privacy)
+    return Message(content=RecordDict(content), reply_to=msg)
 
 
 @app.evaluate()

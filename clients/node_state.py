@@ -22,9 +22,12 @@ from pathlib import Path
 from flwr.app import ConfigRecord, RecordDict
 
 from fedpriv.run_config import Scalar
+from fedpriv.secagg.messages import RECORD as SECAGG_RECORD
 
 NODE_LEDGER_DIR_KEY = "ledger-dir"
 RUN_LEDGER_SUBDIR = "client-state"
+ROUND_ONLY_RECORDS = frozenset({SECAGG_RECORD})
+"""State that lasts one round (secure aggregation's secret keys): never on disk."""
 
 
 def node_state_path(
@@ -58,7 +61,7 @@ def restore_node_state(state: RecordDict, path: Path) -> bool:
     ValueError
         If the file exists but is not a node state written by :func:`save_node_state`.
     """
-    if state.config_records or not path.is_file():
+    if set(state.config_records) - ROUND_ONLY_RECORDS or not path.is_file():
         return False
     try:
         records = json.loads(path.read_text())["config_records"]
@@ -70,11 +73,15 @@ def restore_node_state(state: RecordDict, path: Path) -> bool:
 
 
 def save_node_state(state: RecordDict, path: Path) -> None:
-    """Write the ``ConfigRecord``\\ s of ``state`` to ``path`` atomically (nothing when there are none)."""
-    if not state.config_records:
+    """Write the ``ConfigRecord``\\ s of ``state`` to ``path`` atomically (nothing when there are none).
+
+    Records in :data:`ROUND_ONLY_RECORDS` are left out.
+    """
+    records = {name: dict(record) for name, record in state.config_records.items() if name not in ROUND_ONLY_RECORDS}
+    if not records:
         return
     path.parent.mkdir(parents=True, exist_ok=True)
-    document = {"config_records": {name: dict(record) for name, record in state.config_records.items()}}
+    document = {"config_records": records}
     tmp = path.with_suffix(".json.tmp")
     tmp.write_text(json.dumps(document))
     os.replace(tmp, path)

@@ -26,7 +26,10 @@ GROUPS = ("strategy", "client", "model", "dataset", "partition")
 MAX_CLIENTS = 10**7
 MAX_ROUNDS = 10**6
 # Optional groups: a config without them (an older results.json) gets these.
-OPTIONAL_GROUPS = {"audit": {"_target_": "fedpriv.audit.NoAudit"}}
+OPTIONAL_GROUPS = {
+    "audit": {"_target_": "fedpriv.audit.NoAudit"},
+    "secure": {"_target_": "fedpriv.secagg.NoSecureAggregation"},
+}
 
 
 @dataclass(frozen=True)
@@ -107,6 +110,8 @@ class Experiment:
         The strategy's ``_target_`` node, built by the ServerApp.
     audit : Any
         The privacy audit (:mod:`fedpriv.audit`): ``NoAudit`` or ``CanaryAudit``.
+    secure : Any
+        Secure aggregation (:mod:`fedpriv.secagg`): ``NoSecureAggregation`` or ``SecAggPlus``.
     config : Mapping[str, Any]
         The whole nested config, as recorded in ``results.json``.
     """
@@ -118,6 +123,7 @@ class Experiment:
     client: Any
     strategy_config: Mapping[str, Any]
     audit: Any
+    secure: Any
     config: Mapping[str, Any]
 
     def build_model(self) -> nn.Module:
@@ -156,6 +162,7 @@ def load_experiment(config: Mapping[str, Any]) -> Experiment:
         client=build_component(config["client"], key="client"),
         strategy_config=config["strategy"],
         audit=build_component(config.get("audit", OPTIONAL_GROUPS["audit"]), key="audit"),
+        secure=build_component(config.get("secure", OPTIONAL_GROUPS["secure"]), key="secure"),
         config=config,
     )
     try:
@@ -168,6 +175,7 @@ def load_experiment(config: Mapping[str, Any]) -> Experiment:
             f"strategy.fraction_evaluate={fraction_evaluate}: federated evaluation would release "
             "exact client metrics that a private client's epsilon does not cover; the server evaluates on its own split"
         )
+    _check_secure(experiment)
     weighted = config["strategy"].get("weighted")
     if getattr(experiment.client, "privacy_level", None) == "local" and weighted:
         # Every local-DP reply has weight 1: bounded weights min(1 / weight_cap, 1)
@@ -177,6 +185,29 @@ def load_experiment(config: Mapping[str, Any]) -> Experiment:
             "unaccounted release); set strategy.weighted=false"
         )
     return experiment
+
+
+def _check_secure(experiment: Experiment) -> None:
+    """Refuse what secure aggregation cannot do, in one line.
+
+    Raises
+    ------
+    ConfigError
+        Fewer than 2 clients, or (without DP) more clients than the modulus
+        leaves room for; strategy and audit clashes are the strategy's to refuse.
+    """
+    secure = experiment.secure
+    if not secure.enabled:
+        return
+    num_clients = experiment.settings.num_clients
+    if num_clients < 2:
+        raise ConfigError(f"num_clients={num_clients}: secure={secure.name} needs at least 2 clients")
+    is_dp = "DPFedAvg" in str(experiment.strategy_config.get("_target_", ""))
+    if not is_dp and num_clients > secure.max_weighted_clients:
+        raise ConfigError(
+            f"secure.quantization_range={secure.quantization_range}: {num_clients} clients' quantized values "
+            f"would wrap around secure.modulus_range={secure.modulus_range} (at most {secure.max_weighted_clients})"
+        )
 
 
 def prepare_run(nested: dict[str, Any], *, default_output_dir: str) -> tuple[Experiment, Any, dict[str, Scalar]]:
@@ -238,9 +269,19 @@ def build_run_components(experiment: Experiment, *, mode_config: Mapping[str, An
     ConfigError
         Naming the first invalid key and value.
     """
-    build_component(experiment.strategy_config, key="strategy")
-    experiment.build_model()
+    strategy = build_component(experiment.strategy_config, key="strategy", **experiment.audit.strategy_kwargs())
+    model = experiment.build_model()
+    if experiment.secure.enabled:
+        try:
+            enable_secure_aggregation(strategy, experiment.secure, model=model)
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from exc
     return build_component(mode_config, key="mode")
+
+
+def enable_secure_aggregation(strategy: Any, secure: Any, *, model: nn.Module) -> None:
+    """Turn on ``secure`` in ``strategy`` for ``model``'s size (``ValueError`` if they do not fit)."""
+    strategy.enable_secure_aggregation(secure, dimension=sum(value.numel() for value in model.state_dict().values()))
 
 
 def _resume_folder(nested: Mapping[str, Any]) -> str:

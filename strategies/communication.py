@@ -37,19 +37,25 @@ class TrafficTally:
     def __init__(self) -> None:
         self.down = 0
         self.up = 0
-        self._pending: dict[int, int] = {}
+        self._down: dict[int, int] = {}
+        self._up: dict[int, int] = {}
 
     def sent(self, server_round: int, messages: Iterable[Message]) -> None:
-        """Count the messages of round ``server_round``'s request."""
+        """Count messages sent in round ``server_round`` (a round may send several times)."""
         size = message_bytes(messages)
-        self._pending[server_round] = size
+        self._down[server_round] = self._down.get(server_round, 0) + size
         self.down += size
 
-    def received(self, server_round: int, replies: Iterable[Message]) -> dict[str, int]:
-        """Count round ``server_round``'s replies; return its ``bytes_down`` and ``bytes_up``."""
+    def arrived(self, server_round: int, replies: Iterable[Message]) -> None:
+        """Count replies received in round ``server_round`` before its last ones."""
         size = message_bytes(replies)
+        self._up[server_round] = self._up.get(server_round, 0) + size
         self.up += size
-        return {"bytes_down": self._pending.pop(server_round, 0), "bytes_up": size}
+
+    def received(self, server_round: int, replies: Iterable[Message]) -> dict[str, int]:
+        """Count round ``server_round``'s last replies; return its ``bytes_down`` and ``bytes_up``."""
+        self.arrived(server_round, replies)
+        return {"bytes_down": self._down.pop(server_round, 0), "bytes_up": self._up.pop(server_round, 0)}
 
     def summary(self) -> dict[str, int]:
         """``bytes_down_total`` and ``bytes_up_total`` of the whole run."""

@@ -29,8 +29,10 @@ from fedpriv.privacy import (
     noise_std,
     noisy_unclipped_fraction,
 )
-from fedpriv.privacy.ledger import PrivacyLedger
+from fedpriv.privacy.ledger import SKELLAM_ACCOUNTANT, PrivacyLedger
+from fedpriv.secagg.encoding import DistributedDPEncoding, NoisePlan, plan_distributed_noise
 from strategies.aggregation import TrainReply
+from strategies.secagg_server import SecAggOutcome
 from strategies.weighted_fedavg import StopRun, WeightedFedAvg
 
 logger = get_logger(__name__)
@@ -84,6 +86,17 @@ class DPFedAvg(WeightedFedAvg):
     clipped update when every weight is 1; clients with ``num_examples <
     weight_cap`` count less, which biases the average towards zero by the
     mean weight. Choose ``weight_cap`` at or below typical client sizes.
+
+    With secure aggregation (:meth:`enable_secure_aggregation`) the server
+    cannot clip what it cannot see: each client clips its own update to
+    ``clipping_norm``, applies its bounded weight, rounds it to the run's
+    integer grid and adds its share of Skellam noise
+    (:class:`fedpriv.secagg.encoding.DistributedDPEncoding`); the server
+    divides the unmasked sum by ``D``. Shares are sized so that the clients a
+    round needs (all but ``secure.dropout_tolerance`` of the sampled) carry
+    the accounted noise; with fewer survivors the round is refused before
+    anything is unmasked, releases nothing and is not accounted. A release
+    is accounted as a distributed Skellam sum (:mod:`fedpriv.privacy.skellam`).
 
     Each round is accounted as one Poisson-sampled Gaussian event with rate
     ``sample_rate`` and the noise multiplier, whether or not any reply was
@@ -203,6 +216,7 @@ class DPFedAvg(WeightedFedAvg):
             if seed is not None
         }
         self._round_stats: dict[str, float] = {}
+        self._noise_plan: NoisePlan | None = None
         if self.noise_multiplier == 0:
             logger.warning("strategy.noise_multiplier=0: the server adds no noise; this run is NOT private")
 
@@ -247,6 +261,70 @@ class DPFedAvg(WeightedFedAvg):
     def update_noise_multiplier(self) -> float:
         """Noise multiplier applied to the clipped update sum this round."""
         return self.noise_multiplier
+
+    def enable_secure_aggregation(self, secure, *, dimension: int | None = None) -> None:
+        """Secure aggregation with distributed Skellam noise, accounted with its own ledger.
+
+        With ``dimension`` (values in the model) it also checks that
+        ``num_clients`` noisy clients fit ``secure.modulus_range``.
+
+        Raises
+        ------
+        ValueError
+            With audit canaries (the server adds them to individual updates),
+            or when the clients and their noise cannot fit the modulus.
+        """
+        if self.extra_updates is not None:
+            raise ValueError(
+                f"secure={secure.name}: audit=canary adds canary updates on the server, beside clients' "
+                "updates it can no longer see; audit with secure=none"
+            )
+        super().enable_secure_aggregation(secure)
+        if dimension is not None:
+            self._noise_plan = self._plan_noise(dimension)
+        self.accountant = SKELLAM_ACCOUNTANT
+        self.ledger = PrivacyLedger(accountant=SKELLAM_ACCOUNTANT, history=self.ledger.history, mechanism="skellam")
+
+    def _plan_noise(self, dimension: int) -> NoisePlan:
+        return plan_distributed_noise(
+            clipping_norm=self.clipping_norm,
+            noise_multiplier=self.update_noise_multiplier,
+            max_clients=self.num_clients,
+            dimension=dimension,
+            modulus=self.secure.modulus_range,
+            dropout_tolerance=self.secure.dropout_tolerance,
+        )
+
+    def secure_encoding(self, *, num_sampled: int, dimension: int) -> DistributedDPEncoding:
+        """Clip, weight, round to the run's grid and add a share of the noise, on each client."""
+        if self._noise_plan is None:
+            self._noise_plan = self._plan_noise(dimension)
+        return DistributedDPEncoding(
+            clipping_norm=self.clipping_norm,
+            weighted=self.weighted,
+            weight_cap=self.weight_cap,
+            scale=self._noise_plan.scale,
+            variance_per_client=self._noise_plan.variance_per_client(num_sampled),
+        )
+
+    def secure_min_survivors(self, num_sampled: int) -> int:
+        """The survivors whose noise shares add up to the accounted variance."""
+        return self._noise_plan.required_survivors(num_sampled)
+
+    def aggregate_secure(self, server_round: int, outcome: SecAggOutcome) -> list[np.ndarray]:
+        """The noisy sum over the fixed denominator.
+
+        The sum holds at least the accounted noise (the round was refused
+        otherwise); what is accounted and reported is that amount, a function
+        of public config only, so neither reveals how many clients survived.
+        """
+        plan = self._noise_plan
+        self._round_stats = {
+            "clipping_norm": self.clipping_norm,
+            "noise_std": plan.noise_std / self.denominator,
+            "accounted_noise_multiplier": plan.noise_multiplier,
+        }
+        return self._global_plus(self._encoding.decode(outcome.total) / self.denominator)
 
     @property
     def client_level_private(self) -> bool:
@@ -341,10 +419,11 @@ class DPFedAvg(WeightedFedAvg):
 
     def round_metrics(self, server_round: int) -> dict[str, float]:
         """Account the round's release and report epsilon, clipping norm and noise."""
-        stats, self._round_stats = self._round_stats, {}
+        stats, self._round_stats = dict(self._round_stats), {}
         if not stats:
             return {}
-        self.ledger.record(noise_multiplier=self.noise_multiplier, sample_rate=self.sample_rate)
+        noise_multiplier = stats.pop("accounted_noise_multiplier", self.noise_multiplier)
+        self.ledger.record(noise_multiplier=noise_multiplier, sample_rate=self.sample_rate)
         self.epsilon_user = self.ledger.epsilon(self.target_delta)
         return {**stats, "epsilon_user": self.epsilon_user}
 
@@ -418,6 +497,9 @@ class AdaptiveDPFedAvg(DPFedAvg):
     **kwargs
         :class:`DPFedAvg` parameters; ``clipping_norm`` is the initial norm.
     """
+
+    supports_secure_aggregation = False
+    """The noisy count of unclipped updates needs each update's norm."""
 
     def __init__(
         self,

@@ -23,7 +23,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord
 from flwr.serverapp import Grid, ServerApp
 
 from fedpriv.checkpoint import Checkpoint, check_resumable, load_checkpoint
-from fedpriv.experiment import Experiment, experiment_from_run_config
+from fedpriv.experiment import Experiment, enable_secure_aggregation, experiment_from_run_config
 from fedpriv.logs import get_logger
 from fedpriv.protocol import LEDGER_KEY, RESUMED_KEY
 from fedpriv.results import RunRecorder, merge_results_section
@@ -85,6 +85,9 @@ def _strategy_seed_kwargs(experiment: Experiment) -> dict[str, int]:
 def privacy_section(experiment: Experiment, strategy: WeightedFedAvg) -> dict[str, Any]:
     """The ``privacy`` section of ``results.json``: which protections were on.
 
+    ``secure_aggregation`` names the ``secure`` option (``none`` or
+    ``secagg``), and ``distributed_noise`` is ``skellam`` when client-level DP
+    noise was added by the clients under secure aggregation.
     ``guarantee_void`` is true when any DP noise or sampling was seeded
     (``seeded_noise``, ``strategy.noise_seed`` or ``strategy.sampling_seed``):
     the seed is in the published config, so the noise can be replayed.
@@ -96,6 +99,8 @@ def privacy_section(experiment: Experiment, strategy: WeightedFedAvg) -> dict[st
         "client_level": strategy.client_level_private,
         "record_level": experiment.client.privacy_level == "record",
         "local": experiment.client.privacy_level == "local",
+        "secure_aggregation": experiment.secure.name,
+        "distributed_noise": "skellam" if experiment.secure.enabled and strategy.client_level_private else None,
         "seeded_noise": seeded,
         "guarantee_void": seeded,
     }
@@ -129,11 +134,13 @@ def run_experiment(grid: Grid, experiment: Experiment, *, default_output_dir: Pa
         **experiment.audit.strategy_kwargs(),
         **_strategy_seed_kwargs(experiment),
     )
+    torch.manual_seed(settings.seed)
+    model = experiment.build_model()
+    if experiment.secure.enabled:
+        enable_secure_aggregation(strategy, experiment.secure, model=model)
     privacy = privacy_section(experiment, strategy)
     if privacy["guarantee_void"]:
         logger.warning("DP noise or sampling is seeded from the config: this run's privacy guarantee is VOID")
-    torch.manual_seed(settings.seed)
-    model = experiment.build_model()
     # The model before round 1 (seeded, so a resumed run rebuilds the same): the audit's theta_0.
     initial_state = {name: value.clone() for name, value in model.state_dict().items()}
     splits = experiment.dataset.load()

@@ -30,9 +30,13 @@ from strategies.aggregation import (
     weighted_average,
     weighted_metrics,
 )
-from strategies.nodes import NodeTracker
+from fedpriv.secagg.encoding import WeightedEncoding
+from fedpriv.secagg.messages import RECORD as SECAGG_RECORD
+from fedpriv.secagg.messages import encoding_to_record
 from strategies.client_privacy import REPLY_PRIVACY_KEYS, ClientPrivacyTally
 from strategies.communication import TrafficTally
+from strategies.nodes import NodeTracker
+from strategies.secagg_server import SecAggOutcome, SecAggPlusRound, parse_setup_reply
 
 logger = get_logger(__name__)
 
@@ -96,6 +100,13 @@ class WeightedFedAvg(Strategy):
     (:meth:`reject_model`), is not applied: the next round starts from the
     previous model and the round's metrics carry ``diverged = 1``. After
     ``max_diverged_rounds`` such rounds the run stops with ``diverged``.
+
+    Secure aggregation. After :meth:`enable_secure_aggregation` every training
+    round runs SecAgg+ (:mod:`strategies.secagg_server`): clients send their
+    encoded update masked (:meth:`secure_encoding` says how to encode it) and
+    the server sees only the survivors' sum, from which
+    :meth:`aggregate_secure` makes the new model. A round with too few
+    survivors keeps the previous model (``secagg_refused = 1``).
 
     Resuming. :meth:`resume_state` is what a checkpoint keeps and
     :meth:`restore` puts it back. Flower's round loop then counts from 1
@@ -181,6 +192,56 @@ class WeightedFedAvg(Strategy):
         self._round = 0
         self._global: list[np.ndarray] = []
         self._spec: ArraySpec = {}
+        self.secure = None  # a fedpriv.secagg.SecAggPlus once secure aggregation is on
+        self._secure_round: SecAggPlusRound | None = None
+        self._encoding: Any = None  # how this round's clients encode their update
+        self._grid: Grid | None = None
+
+    supports_secure_aggregation = True
+    """Whether :meth:`enable_secure_aggregation` may be called."""
+
+    def enable_secure_aggregation(self, secure, *, dimension: int | None = None) -> None:
+        """Run every training round through SecAgg+ with ``secure`` (a :class:`fedpriv.secagg.SecAggPlus`).
+
+        ``dimension`` (values in the model) lets a subclass check its noise
+        fits the modulus now rather than in the first round.
+
+        Raises
+        ------
+        ValueError
+            If this strategy needs to see individual updates.
+        """
+        if not self.supports_secure_aggregation:
+            raise ValueError(
+                f"secure={secure.name}: {type(self).__name__} needs each client's update in the clear "
+                "(adaptive clipping counts clipped updates); use strategy=dp_fixed"
+            )
+        self.secure = secure
+
+    def secure_encoding(self, *, num_sampled: int, dimension: int) -> WeightedEncoding:
+        """How clients encode their update for secure aggregation: weighted, no noise."""
+        return WeightedEncoding(
+            clipping_range=self.secure.clipping_range,
+            quantization_range=self.secure.quantization_range,
+            max_weight=self.secure.max_weight,
+        )
+
+    def secure_min_survivors(self, num_sampled: int) -> int:
+        """Masked inputs a round needs before unmasking (beyond the reconstruction threshold)."""
+        return 0
+
+    def aggregate_secure(self, server_round: int, outcome: SecAggOutcome) -> list[np.ndarray]:
+        """The weighted mean model from the survivors' sum."""
+        return self._global_plus(self._encoding.decode(outcome.total))
+
+    def _global_plus(self, flat_update: np.ndarray) -> list[np.ndarray]:
+        """The global model plus a flat update, array by array, in the model's dtypes."""
+        arrays, start = [], 0
+        for base in self._global:
+            stop = start + base.size
+            arrays.append((base + flat_update[start:stop].reshape(base.shape)).astype(base.dtype))
+            start = stop
+        return arrays
 
     @property
     def client_level_private(self) -> bool:
@@ -228,11 +289,18 @@ class WeightedFedAvg(Strategy):
 
     @staticmethod
     def _messages(
-        *, arrays: ArrayRecord | None, config: ConfigRecord, server_round: int, node_ids: list[int], kind: str
+        *,
+        arrays: ArrayRecord | None,
+        config: ConfigRecord,
+        server_round: int,
+        node_ids: list[int],
+        kind: str,
+        extra: Mapping[str, ConfigRecord] | None = None,
     ) -> list[Message]:
         # A copy: the caller's ConfigRecord is never written into.
         round_config = ConfigRecord({**dict(config), ROUND_KEY: server_round})
         content = {"config": round_config} if arrays is None else {"arrays": arrays, "config": round_config}
+        content.update(extra or {})
         return [
             Message(content=RecordDict(content), message_type=kind, dst_node_id=node_id)
             for node_id in node_ids
@@ -262,11 +330,38 @@ class WeightedFedAvg(Strategy):
         self._round_nodes[server_round] = {**self.nodes.counts, "num_sampled": len(node_ids)}
         self._round_sampled[server_round] = list(node_ids)
         logger.debug("round %d: training on %d nodes", server_round, len(node_ids))
+        extra = self._secure_setup(server_round, node_ids, grid) if self.secure is not None else None
+        if extra is None and self.secure is not None:
+            node_ids = []
         messages = self._messages(
-            arrays=arrays, config=config, server_round=server_round, node_ids=node_ids, kind=MessageType.TRAIN
+            arrays=arrays,
+            config=config,
+            server_round=server_round,
+            node_ids=node_ids,
+            kind=MessageType.TRAIN,
+            extra=extra,
         )
         self.traffic.sent(server_round, messages)
         return messages
+
+    def _secure_setup(self, server_round: int, node_ids: list[int], grid: Grid) -> dict[str, ConfigRecord] | None:
+        """Plan this round's SecAgg+ and return the setup record; ``None`` with fewer than 2 clients."""
+        self._grid = grid
+        self._secure_round = None
+        if len(node_ids) < 2:
+            logger.warning("round %d: %d client(s) sampled; secure aggregation needs 2", server_round, len(node_ids))
+            return None
+        dimension = sum(base.size for base in self._global)
+        self._encoding = self.secure_encoding(num_sampled=len(node_ids), dimension=dimension)
+        self._secure_round = SecAggPlusRound(
+            config=self.secure,
+            node_ids=node_ids,
+            server_round=server_round,
+            length=self._encoding.length(dimension),
+            min_survivors=self.secure_min_survivors(len(node_ids)),
+        )
+        record = {**self._secure_round.setup_record(), **encoding_to_record(self._encoding)}
+        return {SECAGG_RECORD: ConfigRecord(record)}
 
     def validate_train_replies(
         self, replies: Iterable[Message]
@@ -324,8 +419,6 @@ class WeightedFedAvg(Strategy):
         # answer of their own.
         unavailable = sum(1 for msg in replies if _node_unavailable(msg))
         replies = [msg for msg in replies if not _node_unavailable(msg)]
-        # Flower's stand-in errors come from the SuperLink, not over a client's link.
-        traffic = self.traffic.received(server_round, replies)
         nodes = self._round_nodes.pop(server_round, {})
         sampled = self._round_sampled.pop(server_round, None)
         if sampled is not None:
@@ -344,10 +437,39 @@ class WeightedFedAvg(Strategy):
                 )
         elif unavailable:
             nodes["num_unreachable"] = unavailable
-        valid, rejected, declined = self.validate_train_replies(replies)
+        # Flower's stand-in errors come from the SuperLink, not over a client's link.
+        if self.secure is None:
+            traffic = self.traffic.received(server_round, replies)
+            metrics, target = self._plain_result(server_round, replies)
+        else:
+            self.traffic.arrived(server_round, replies)
+            metrics, target = self._secure_result(server_round, replies)
+            traffic = self.traffic.received(server_round, [])
+        metrics.update({**nodes, **traffic})
+        arrays = None
+        if target is not None:
+            updated = apply_server_lr(self._global, target, server_lr=self.server_lr)
+            if all(np.all(np.isfinite(layer)) for layer in updated):
+                arrays = self._to_record(updated)
+        metrics.update(self.round_metrics(server_round))
+        self.train_metrics[server_round] = metrics
+        if arrays is None and target is not None:
+            self.reject_model(server_round, reason="the aggregated model has non-finite values")
+        # Flower logs what this returns: under client-level DP only DP outputs.
+        published, _ = split_public(
+            metrics, public=CLIENT_LEVEL_PUBLIC_ROUND if self.client_level_private else None
+        )
+        return arrays, MetricRecord({k: v for k, v in published.items() if v is not None})
+
+    def _note_declines(self, declined: list[MetricsReply]) -> None:
         self.client_privacy.decline(d.node_id for d in declined)
         if self.client_privacy.everyone_declined(self.nodes.known):
             self.stop = StopRun("privacy_budget_exhausted", ALL_DECLINED)
+
+    def _plain_result(self, server_round: int, replies: list[Message]) -> tuple[dict[str, Any], list[np.ndarray] | None]:
+        """The round's metrics and aggregated model (``None``: keep the previous one) from plain replies."""
+        valid, rejected, declined = self.validate_train_replies(replies)
+        self._note_declines(declined)
         weights = [r.num_examples for r in valid]
         client_metrics = weighted_metrics([r.metrics for r in valid], weights)
         metrics = {
@@ -357,10 +479,7 @@ class WeightedFedAvg(Strategy):
             "train_loss": client_metrics.pop("train_loss", None),
             **{f"client_{key}": value for key, value in client_metrics.items()},
             **self.client_privacy.track([*valid, *declined]),
-            **nodes,
-            **traffic,
         }
-        arrays = None
         if not self.releases_update(valid):
             logger.warning(
                 "round %d: %d valid replies (%d rejected) < min_valid_replies=%d; keeping the previous model",
@@ -369,20 +488,69 @@ class WeightedFedAvg(Strategy):
                 rejected,
                 self.min_valid_replies,
             )
+            return metrics, None
+        return metrics, self.aggregate_updates(server_round, valid)
+
+    def _secure_result(self, server_round: int, replies: list[Message]) -> tuple[dict[str, Any], list[np.ndarray] | None]:
+        """Finish the round's SecAgg+ from its setup replies; the metrics and the model from the sum.
+
+        No client's update reaches this method: setup replies hold public keys
+        and the privacy a client reports, and the protocol returns only the sum.
+        """
+        public_keys, reporting, rejected, declined = {}, [], 0, []
+        for msg in replies:
+            try:
+                decline = parse_decline(msg)
+                if decline is not None:
+                    declined.append(decline)
+                    logger.warning("node %d declined: %s", decline.node_id, decline.reason)
+                    continue
+                node_id, keys, spent = parse_setup_reply(msg)
+            except RejectedReply as exc:
+                rejected += 1
+                logger.warning("rejected reply: %s", exc)
+                spent = reported_privacy(msg, privacy_keys=REPLY_PRIVACY_KEYS)
+                if spent:
+                    reporting.append(MetricsReply(node_id=msg.metadata.src_node_id, num_examples=1.0, metrics=spent))
+                continue
+            public_keys[node_id] = keys
+            reporting.append(MetricsReply(node_id=node_id, num_examples=1.0, metrics=spent))
+        self._note_declines(declined)
+        if self._secure_round is None:
+            outcome = SecAggOutcome(total=None, survivors=0, refused="fewer than 2 clients sampled")
         else:
-            target = self.aggregate_updates(server_round, valid)
-            updated = apply_server_lr(self._global, target, server_lr=self.server_lr)
-            if all(np.all(np.isfinite(layer)) for layer in updated):
-                arrays = self._to_record(updated)
-        metrics.update(self.round_metrics(server_round))
-        self.train_metrics[server_round] = metrics
-        if arrays is None and self.releases_update(valid):
-            self.reject_model(server_round, reason="the aggregated model has non-finite values")
-        # Flower logs what this returns: under client-level DP only DP outputs.
-        published, _ = split_public(
-            metrics, public=CLIENT_LEVEL_PUBLIC_ROUND if self.client_level_private else None
-        )
-        return arrays, MetricRecord({k: v for k, v in published.items() if v is not None})
+            outcome = self._secure_round.finish(self._exchange(server_round), public_keys=public_keys)
+        metrics = {
+            "num_clients": outcome.survivors,
+            "num_rejected": rejected,
+            "num_declined": len(declined),
+            "train_loss": None,
+            "secagg_dropped": len(public_keys) - outcome.survivors,
+            "secagg_refused": int(outcome.total is None),
+            **self.client_privacy.track(reporting),
+        }
+        if outcome.total is None:
+            return metrics, None
+        if outcome.survivors < self.min_valid_replies:
+            logger.warning(
+                "round %d: %d survivors < min_valid_replies=%d; keeping the previous model",
+                server_round,
+                outcome.survivors,
+                self.min_valid_replies,
+            )
+            return metrics, None
+        return metrics, self.aggregate_secure(server_round, outcome)
+
+    def _exchange(self, server_round: int):
+        """One protocol stage on the round's Grid, its bytes counted with the round's."""
+
+        def exchange(messages: list[Message], timeout: float) -> list[Message]:
+            self.traffic.sent(server_round, messages)
+            replies = list(self._grid.send_and_receive(messages, timeout=timeout)) if messages else []
+            self.traffic.arrived(server_round, replies)
+            return replies
+
+        return exchange
 
     def round_metrics(self, server_round: int) -> dict[str, float]:
         """Extra per-round metrics of subclasses (privacy spent, noise, ...)."""

@@ -181,7 +181,15 @@ def test_seeded_noise_is_recorded_as_voiding_the_guarantee():
 
     # Assert
     assert [s["guarantee_void"] for s in sections] == [False, True, True]
-    assert sections[0] == {"client_level": False, "record_level": True, "local": False, "seeded_noise": False, "guarantee_void": False}
+    assert sections[0] == {
+        "client_level": False,
+        "record_level": True,
+        "local": False,
+        "secure_aggregation": "none",
+        "distributed_noise": None,
+        "seeded_noise": False,
+        "guarantee_void": False,
+    }
     assert sections[2]["client_level"] is True
 
 

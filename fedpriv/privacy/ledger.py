@@ -26,12 +26,17 @@ from fedpriv.privacy.accounting import (
     record_steps,
 )
 from fedpriv.privacy.laplace_accounting import laplace_basic_epsilon, laplace_epsilon
+from fedpriv.privacy.skellam import skellam_epsilon
 
-MECHANISMS = ("gaussian", "laplace")
-"""What a ledger's releases are: Poisson-sampled Gaussian, or Laplace (local DP)."""
+MECHANISMS = ("gaussian", "laplace", "skellam")
+"""What a ledger's releases are: Poisson-sampled Gaussian, Laplace (local DP), or
+Poisson-sampled distributed Skellam (secure aggregation with DP)."""
 
 LAPLACE_ACCOUNTANT = "pld"
 """Laplace releases are composed by dp-accounting's PLD accountant."""
+SKELLAM_ACCOUNTANT = "rdp"
+"""Skellam releases are composed in RDP with a sampling bound that holds for any mechanism."""
+_ACCOUNTANTS = {"gaussian": ACCOUNTANTS, "laplace": (LAPLACE_ACCOUNTANT,), "skellam": (SKELLAM_ACCOUNTANT,)}
 
 
 class PrivacyLedger:
@@ -42,24 +47,27 @@ class PrivacyLedger:
     adjacency; a plain Gaussian release (a noisy count) is one with
     ``sample_rate = 1``. With ``mechanism="laplace"`` every release is a Laplace
     mechanism whose noise multiplier is its scale over its L1 sensitivity, at
-    ``sample_rate = 1``.
+    ``sample_rate = 1``. With ``mechanism="skellam"`` every release is a
+    Poisson-sampled distributed Skellam sum, recorded under the noise
+    multiplier of a Gaussian whose RDP bounds it
+    (:func:`fedpriv.privacy.skellam.gaussian_dominating_noise_multiplier`).
 
     Parameters
     ----------
     accountant : str
-        ``prv`` (default) or ``rdp`` for Gaussian releases; ``pld`` for Laplace.
+        ``prv`` (default) or ``rdp`` for Gaussian releases; ``pld`` for Laplace;
+        ``rdp`` for Skellam.
     history : sequence of (float, float, int)
         Releases already made, oldest first.
     mechanism : str
-        ``gaussian`` (default) or ``laplace``.
+        ``gaussian`` (default), ``laplace`` or ``skellam``.
     """
 
     def __init__(
         self, *, accountant: str = "prv", history: Sequence[HistoryEntry] = (), mechanism: str = "gaussian"
     ) -> None:
         self.mechanism = check_choice("mechanism", mechanism, MECHANISMS)
-        allowed = (LAPLACE_ACCOUNTANT,) if self.mechanism == "laplace" else ACCOUNTANTS
-        self.accountant = check_choice("accountant", accountant, allowed)
+        self.accountant = check_choice("accountant", accountant, _ACCOUNTANTS[self.mechanism])
         self._history: list[HistoryEntry] = record_steps_all(history)
 
     @property
@@ -130,6 +138,8 @@ def _epsilon(history: tuple[HistoryEntry, ...], delta: float, accountant: str, m
     # then for its reply): the expensive PRV computation runs once for both.
     if mechanism == "laplace":
         return laplace_epsilon(history, delta=delta)
+    if mechanism == "skellam":
+        return skellam_epsilon(history, delta=delta)
     return compute_epsilon(history, delta=delta, accountant=accountant)
 
 
