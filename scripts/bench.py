@@ -66,7 +66,7 @@ from clients.plain import PlainTraining  # noqa: E402
 from fedpriv.models import CNN28, MLP  # noqa: E402
 
 FLOWER_APPS = ("+mode.server_app=bench_apps:server_app", "+mode.client_app=bench_apps:client_app")
-SECTIONS = ("overhead", "dp_step", "accounting", "flower", "scale", "memory", "utility", "local_dp")
+SECTIONS = ("overhead", "dp_step", "accounting", "flower", "scale", "memory", "utility", "local_dp", "secagg")
 SAMPLED_PER_ROUND = 10
 
 
@@ -97,6 +97,8 @@ class Sizes:
         Run section 7.
     local_dp_repeats : int
         Runs per point of section 8 (0: skip it).
+    secagg_clients : tuple[int, ...]
+        Federation sizes of section 9 (empty: skip it).
     """
 
     clients: int
@@ -110,6 +112,7 @@ class Sizes:
     flower: bool
     utility: bool
     local_dp_repeats: int
+    secagg_clients: tuple[int, ...]
 
 
 SIZES = {
@@ -125,6 +128,7 @@ SIZES = {
         flower=False,
         utility=False,
         local_dp_repeats=0,
+        secagg_clients=(),
     ),
     "quick": Sizes(
         clients=10,
@@ -138,6 +142,7 @@ SIZES = {
         flower=True,
         utility=False,
         local_dp_repeats=1,
+        secagg_clients=(10,),
     ),
     "full": Sizes(
         clients=10,
@@ -151,6 +156,7 @@ SIZES = {
         flower=True,
         utility=True,
         local_dp_repeats=2,
+        secagg_clients=(10, 50),
     ),
 }
 
@@ -847,6 +853,42 @@ def _plot_local_dp(rows: dict[str, Any], *, path: Path) -> None:
 # --- the report ---------------------------------------------------------------------------
 
 
+# --- section 9: secure aggregation ------------------------------------------------------------
+
+SECAGG_ROUNDS = 4
+
+
+def bench_secagg(workloads: dict[str, list[str]], *, clients: tuple[int, ...], work_dir: Path) -> dict[str, Any]:
+    """Section 9: seconds per round and bytes per client per round, ``secure=secagg`` over ``secure=none``.
+
+    Steady rounds (after the first) of the same federation, every client in
+    every round, one local epoch.
+    """
+    rows = {}
+    for name, workload in workloads.items():
+        for num_clients in clients:
+            runs = {}
+            for secure in ("none", "secagg"):
+                overrides = [*workload, f"num_clients={num_clients}", f"num_rounds={SECAGG_ROUNDS}",
+                             "client.local_epochs=1", f"secure={secure}"]
+                run = run_federation(overrides, out_dir=work_dir / f"secagg_{name}_{num_clients}_{secure}")
+                steady = run["results"]["rounds"][1:]
+                runs[secure] = {
+                    "round_seconds": _steady(run["round_seconds"]),
+                    "bytes_up_per_client": statistics.median(r["bytes_up"] / r["num_clients"] for r in steady),
+                    "bytes_down_per_client": statistics.median(r["bytes_down"] / r["num_clients"] for r in steady),
+                    "test_accuracy": run["results"]["final"]["test_accuracy"],
+                }
+            plain, secure_run = runs["none"], runs["secagg"]
+            rows[f"{name}, {num_clients} clients"] = {
+                **{f"{key}_{kind}": value for kind, values in runs.items() for key, value in values.items()},
+                "seconds_ratio": secure_run["round_seconds"] / plain["round_seconds"],
+                "bytes_up_ratio": secure_run["bytes_up_per_client"] / plain["bytes_up_per_client"],
+                "bytes_down_ratio": secure_run["bytes_down_per_client"] / plain["bytes_down_per_client"],
+            }
+    return rows
+
+
 def _fmt(value: Any, digits: int = 2) -> str:
     if value is None:
         return "-"
@@ -909,6 +951,14 @@ def table_rows(sections: dict[str, Any]) -> list[tuple[str, str, str]]:
             rows.append((f"8 {dataset} accuracy at total epsilon {_fmt(p['total_epsilon'], 1)}: local / central DP",
                          f"{_fmt(p['local_accuracy'], 3)} / {_fmt(p['central_accuracy'], 3)}",
                          f"epsilon_per_round {p['epsilon_per_round']:g}; no DP {_fmt(s['non_private_accuracy'], 3)}"))
+    for name, s in sections.get("secagg", {}).items():
+        if not isinstance(s, dict) or "seconds_ratio" not in s:
+            continue
+        rows.append((f"9 secagg / none, seconds per round: {name}", _fmt(s["seconds_ratio"]),
+                     f"target <= 2 (CNN, 10 clients); {_fmt(s['round_seconds_secagg'])}s vs {_fmt(s['round_seconds_none'])}s"))
+        rows.append((f"9 secagg / none, bytes up per client: {name}", _fmt(s["bytes_up_ratio"]),
+                     f"target <= 2; {_fmt(s['bytes_up_per_client_secagg'] / 1e6, 3)} MB vs "
+                     f"{_fmt(s['bytes_up_per_client_none'] / 1e6, 3)} MB; down {_fmt(s['bytes_down_ratio'])}x"))
     for name, section in sections.items():
         if isinstance(section, dict) and "error" in section:
             rows.append((f"{name}: FAILED", "-", section["error"].splitlines()[0]))
@@ -968,6 +1018,11 @@ def run_sections(
         steps.append(
             ("local_dp", lambda: bench_local_dp(repeats=sizes.local_dp_repeats, work_dir=work_dir, plot_path=plot_path))
         )
+    if sizes.secagg_clients:
+        secagg_workloads = {"mlp, digits": workload_overrides(None)}
+        if mnist_root is not None:
+            secagg_workloads["cnn28, MNIST-8k"] = workload
+        steps.append(("secagg", lambda: bench_secagg(secagg_workloads, clients=sizes.secagg_clients, work_dir=work_dir)))
     if only is not None:
         steps = [(name, step) for name, step in steps if name == only]
     for name, step in steps:

@@ -32,7 +32,6 @@ from dataclasses import dataclass, field
 import numpy as np
 from flwr.app import ConfigRecord, Message, MessageType, RecordDict
 from flwr.common.secure_aggregation.crypto.shamir import combine_shares
-from flwr.serverapp import Grid
 
 from fedpriv.logs import get_logger
 from fedpriv.secagg import messages as m
@@ -176,6 +175,7 @@ class SecAggPlusRound:
 
         if len(alive) < threshold:
             return refuse(f"{len(alive)} clients sent keys, fewer than threshold={threshold}")
+        logger.info("round %d: SecAgg+ share-keys with %d clients", self.server_round, len(alive))
 
         # Stage 1: public keys out, encrypted shares back.
         requests = []
@@ -212,6 +212,7 @@ class SecAggPlusRound:
             return refuse(f"{len(sharing)} clients shared keys, fewer than threshold={threshold}")
 
         # Stage 2: shares forwarded, masked inputs summed.
+        logger.info("round %d: SecAgg+ collect-masked with %d clients", self.server_round, len(sharing))
         sources = {node: [(s, c) for s, c in forwarded[node] if s in sharing] for node in sharing}
         requests = [
             self._message(
@@ -241,6 +242,7 @@ class SecAggPlusRound:
             return refuse(f"{len(masking)} masked inputs arrived, fewer than the {self.min_survivors} needed")
 
         # Stage 3: shares of survivors' seeds and dropped clients' keys.
+        logger.info("round %d: SecAgg+ unmask with %d clients", self.server_round, len(masking))
         masked_with = {node: [s for s, _ in sources[node]] for node in masking}
         requests = [
             self._message(

@@ -178,3 +178,53 @@ def test_a_private_client_refuses_federated_evaluation():
     # Assert
     assert answer.has_error()
     assert answer.error.code == client_app.EVALUATE_REFUSED
+
+
+def test_a_secure_runs_client_answers_every_secagg_stage_and_never_sends_its_model(tmp_path):
+    # Prepare: three record-level private clients of a secure run, their ledgers on disk.
+    from fedpriv.secagg import messages as m
+    from fedpriv.secagg.config import SecAggPlus
+    from fedpriv.secagg.encoding import WeightedEncoding
+    from strategies.secagg_server import SecAggPlusRound, parse_setup_reply
+
+    overrides = ["num_clients=3", "secure=secagg", "client=opacus", "client.local_epochs=1", f"output_dir={tmp_path}"]
+    contexts = {node: context_for(overrides, partition_id=node - 1) for node in (1, 2, 3)}
+    sent = request(overrides, config={"privacy-ledger-id": "L"})
+    dimension = sum(array.numpy().size for array in sent.content["arrays"].values())
+    encoding = WeightedEncoding(clipping_range=8.0, quantization_range=2**22, max_weight=1000.0)
+    round_ = SecAggPlusRound(config=SecAggPlus(), node_ids=[1, 2, 3], server_round=1, length=encoding.length(dimension))
+    setup_record = ConfigRecord({**round_.setup_record(), **m.encoding_to_record(encoding)})
+
+    def to_node(message: Message, node: int) -> Message:
+        return Message(content=message.content, message_type=MessageType.TRAIN, dst_node_id=node)
+
+    replies = []
+
+    def exchange(messages, timeout):
+        answers = [client_app.train(msg, contexts[msg.metadata.dst_node_id]) for msg in messages]
+        replies.extend(answers)
+        return answers
+
+    # Execute
+    with_setup = RecordDict({**dict(sent.content), m.RECORD: setup_record})
+    setup = [
+        client_app.train(Message(content=with_setup, message_type=MessageType.TRAIN, dst_node_id=n), contexts[n])
+        for n in (1, 2, 3)
+    ]
+    keys = {}
+    for answer in setup:
+        node, pair, spent = parse_setup_reply(answer)
+        keys[node] = pair
+    outcome = round_.finish(exchange, public_keys=keys)
+    plain = client_app.train(to_node(sent, 1), contexts[1])
+
+    # Assert: the sum of three weights and updates, no array but masked ones, no secret on disk.
+    assert outcome.refused == "" and outcome.survivors == 3
+    assert 0 < outcome.total[0] <= 3 * 2**22
+    assert all(set(a.content.metric_records.get("metrics", {})) <= {"epsilon", "delta"} for a in setup)
+    assert all(not a.content.array_records for a in setup)
+    assert all(set(a.content.array_records) <= {m.MASKED} for a in replies)
+    assert plain.has_error() and "only through SecAgg+" in plain.error.reason
+    ledger = (tmp_path / "client-state" / "L" / "partition-0.json").read_text()
+    assert STATE_KEY in ledger and m.RECORD not in ledger
+    assert m.RECORD not in contexts[1].state.config_records

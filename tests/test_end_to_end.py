@@ -70,7 +70,8 @@ def test_simulation_writes_the_results_contract_and_rejects_malformed_replies(tm
         assert final[field] is None
     assert document["timing"]["total_seconds"] > 0
     assert document["privacy"] == {
-        "client_level": False, "record_level": False, "local": False, "seeded_noise": False, "guarantee_void": False
+        "client_level": False, "record_level": False, "local": False, "secure_aggregation": "none",
+        "distributed_noise": None, "seeded_noise": False, "guarantee_void": False
     }
     assert not (out / OPERATOR_FILE).exists()
 

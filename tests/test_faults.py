@@ -180,3 +180,48 @@ def test_a_supernode_killed_mid_run_the_run_completes_with_the_other_two(tmp_pat
         assert not any(federation.is_running(pid) for pid in victim_tree)
     finally:
         stop_and_assert_gone(directory, started)
+
+
+@pytest.mark.slow
+def test_a_supernode_killed_mid_secagg_round_over_tls_the_sum_of_the_other_two_is_used(tmp_path):
+    # Prepare: 3 SuperNodes over TLS, SecAgg+ with threshold 2 and short stage timeouts.
+    directory = tmp_path / "federation"
+    fed = federation.start_federation(directory, 3, tls=True)
+    started = fed.pids
+    out = tmp_path / "run"
+    victim_tree: list[int] = []
+    try:
+        with open(tmp_path / "run.log", "wb") as log:
+            run = subprocess.Popen(
+                [sys.executable, str(REPO / "scripts" / "run.py"), f"output_dir={out}", *fed.mode_overrides(),
+                 "num_clients=3", "num_rounds=1", "client.local_epochs=1", "round_timeout=120",
+                 "secure=secagg", "secure.reconstruction_threshold=2", "secure.timeout=20"],
+                stdout=log, stderr=subprocess.STDOUT, cwd=tmp_path, start_new_session=True,
+                env={**os.environ, "FLWR_TELEMETRY_ENABLED": "0"},
+            )
+        try:
+            # Execute: kill SuperNode 2 once the round has its keys and starts sharing them
+            deadline = time.monotonic() + 300
+            while "round 1: SecAgg+ share-keys" not in (tmp_path / "run.log").read_text(errors="replace"):
+                assert run.poll() is None and time.monotonic() < deadline, "the round never started sharing keys"
+                time.sleep(0.1)
+            victim_tree = kill_tree(fed.supernode_pids[2])
+            federation._reap(fed.supernode_pids[2])
+            run.wait(timeout=300)
+        finally:
+            if run.poll() is None:
+                os.killpg(run.pid, signal.SIGKILL)
+                run.wait()
+        output = (tmp_path / "run.log").read_text(errors="replace")
+
+        # Assert: the round released the sum of the two survivors only
+        assert run.returncode == 0, output[-4000:]
+        document = json.loads((out / "results.json").read_text())
+        rows = document["rounds"]
+        assert document["final"]["stopped_reason"] == "completed"
+        assert document["privacy"]["secure_aggregation"] == "secagg"
+        assert [(row["num_clients"], row["secagg_dropped"], row["secagg_refused"]) for row in rows] == [(2, 1, 0)]
+        assert rows[0]["test_accuracy"] > 0.5
+        assert not any(federation.is_running(pid) for pid in victim_tree)
+    finally:
+        stop_and_assert_gone(directory, started)

@@ -310,6 +310,43 @@ def test_a_resumed_private_run_keeps_every_round_and_every_epsilon(tmp_path):
     assert not any(ledger.exists() for ledger in ledgers)
 
 
+def test_a_secure_private_run_sums_noisy_client_updates_and_resumes_with_its_skellam_ledger(tmp_path):
+    # Prepare: SecAgg+ with distributed DP on top of record-level DP, every client every round
+    from fedpriv.privacy.skellam import skellam_epsilon
+
+    out = tmp_path / "run"
+    experiment = [
+        "secure=secagg",
+        "strategy=dp_fixed",
+        "strategy.noise_multiplier=2.0",
+        "client=opacus",
+        "client.noise_multiplier=1.0",
+        "client.local_epochs=1",
+        "num_clients=3",
+    ]
+    run(tmp_path, *experiment, "num_rounds=2", f"output_dir={out}")
+
+    # Execute: a new server process goes on for a third round
+    run(tmp_path, *experiment, "num_rounds=3", f"resume={out}")
+
+    # Assert: both protections recorded; the client-level epsilon is the distributed
+    # Skellam release's, three times; record-level epsilons kept growing
+    document = json.loads((out / "results.json").read_text())
+    rows = document["rounds"]
+    assert document["privacy"]["secure_aggregation"] == "secagg"
+    assert document["privacy"]["distributed_noise"] == "skellam"
+    assert document["privacy"]["record_level"] is True
+    expected = [skellam_epsilon([(2.0, 1.0, r)], delta=1e-5) for r in (1, 2, 3)]
+    assert [row["epsilon_user"] for row in rows] == pytest.approx(expected, rel=1e-6)
+    assert [row["noise_std"] for row in rows] == pytest.approx([2.0 / 3] * 3, rel=1e-4)
+    _, records = operator_records(out)
+    exact = {r["round"]: r for r in records if "round" in r}
+    assert [exact[r]["num_clients"] for r in (1, 2, 3)] == [3, 3, 3]
+    assert exact[3]["epsilon_record_max"] > exact[2]["epsilon_record_max"] > exact[1]["epsilon_record_max"]
+    ledgers = sorted((out / "client-state").glob("*/partition-*.json"))
+    assert len(ledgers) == 3 and all("fedpriv.secagg" not in p.read_text() for p in ledgers)
+
+
 def test_resume_with_a_changed_experiment_is_refused_in_one_line(tmp_path):
     # Prepare
     out = tmp_path / "run"
