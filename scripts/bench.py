@@ -871,7 +871,8 @@ def bench_secagg(workloads: dict[str, list[str]], *, clients: tuple[int, ...], w
             for secure in ("none", "secagg"):
                 overrides = [*workload, f"num_clients={num_clients}", f"num_rounds={SECAGG_ROUNDS}",
                              "client.local_epochs=1", f"secure={secure}"]
-                run = run_federation(overrides, out_dir=work_dir / f"secagg_{name}_{num_clients}_{secure}")
+                slug = "".join(c if c.isalnum() else "_" for c in name)
+                run = run_federation(overrides, out_dir=work_dir / f"secagg_{slug}_{num_clients}_{secure}")
                 steady = run["results"]["rounds"][1:]
                 runs[secure] = {
                     "round_seconds": _steady(run["round_seconds"]),

@@ -307,6 +307,10 @@ class DPFedAvg(WeightedFedAvg):
             variance_per_client=self._noise_plan.variance_per_client(num_sampled),
         )
 
+    def _accounted_noise_multiplier(self) -> float:
+        """What a release is recorded with: the Skellam plan's dominating Gaussian's under secure aggregation."""
+        return self._noise_plan.noise_multiplier if self._noise_plan is not None else self.noise_multiplier
+
     def secure_min_survivors(self, num_sampled: int) -> int:
         """The survivors whose noise shares add up to the accounted variance."""
         return self._noise_plan.required_survivors(num_sampled)
@@ -322,7 +326,7 @@ class DPFedAvg(WeightedFedAvg):
         self._round_stats = {
             "clipping_norm": self.clipping_norm,
             "noise_std": plan.noise_std / self.denominator,
-            "accounted_noise_multiplier": plan.noise_multiplier,
+            "accounted_noise_multiplier": self._accounted_noise_multiplier(),
         }
         return self._global_plus(self._encoding.decode(outcome.total) / self.denominator)
 
@@ -366,7 +370,7 @@ class DPFedAvg(WeightedFedAvg):
         projected = self.ledger.epsilon_if_over(
             max_epsilon=self.max_epsilon,
             delta=self.target_delta,
-            noise_multiplier=self.noise_multiplier,
+            noise_multiplier=self._accounted_noise_multiplier(),
             sample_rate=self.sample_rate,
         )
         if projected is not None:
