@@ -36,7 +36,15 @@ from flwr.common.secure_aggregation.crypto.shamir import combine_shares
 from fedpriv.logs import get_logger
 from fedpriv.secagg import messages as m
 from fedpriv.secagg.config import RoundPlan, SecAggPlus
-from fedpriv.secagg.masking import SEED_BYTES, centered, pairwise_seed, remove_pairwise_mask, remove_self_mask
+from fedpriv.secagg.masking import (
+    KEY_SEED_BYTES,
+    SEED_BYTES,
+    centered,
+    pairwise_seed,
+    public_key_of_seed,
+    remove_pairwise_mask,
+    remove_self_mask,
+)
 from strategies.aggregation import RejectedReply, reported_privacy
 from strategies.client_privacy import REPLY_PRIVACY_KEYS
 
@@ -284,6 +292,8 @@ class SecAggPlusRound:
                     return refuse(f"node {owner}: its rebuilt seed has {len(secret)} bytes", len(masking))
                 total = remove_self_mask(total, self_seed=secret, modulus=modulus)
                 continue
+            if len(secret) != KEY_SEED_BYTES or public_key_of_seed(secret) != public_keys[owner][0]:
+                return refuse(f"node {owner}: its rebuilt key does not match its public key", len(masking))
             for survivor in masking:
                 if owner in masked_with[survivor]:
                     seed = pairwise_seed(secret, public_keys[survivor][0])

@@ -196,6 +196,7 @@ class WeightedFedAvg(Strategy):
         self._secure_round: SecAggPlusRound | None = None
         self._encoding: Any = None  # how this round's clients encode their update
         self._grid: Grid | None = None
+        self._secure_stats: dict[str, float] = {}
 
     supports_secure_aggregation = True
     """Whether :meth:`enable_secure_aggregation` may be called."""
@@ -231,7 +232,17 @@ class WeightedFedAvg(Strategy):
         return 0
 
     def aggregate_secure(self, server_round: int, outcome: SecAggOutcome) -> list[np.ndarray]:
-        """The weighted mean model from the survivors' sum."""
+        """The weighted mean model from the survivors' sum; warns when ``clipping_range`` clipped values."""
+        clipped = self._encoding.clipped_values(outcome.total)
+        self._secure_stats = {"secagg_clipped_values": clipped}
+        if clipped:
+            logger.warning(
+                "round %d: clients clipped %d weighted update values to secure.clipping_range=%g; "
+                "the model is not FedAvg's (raise secure.clipping_range)",
+                server_round,
+                clipped,
+                self.secure.clipping_range,
+            )
         return self._global_plus(self._encoding.decode(outcome.total))
 
     def _global_plus(self, flat_update: np.ndarray) -> list[np.ndarray]:
@@ -539,7 +550,10 @@ class WeightedFedAvg(Strategy):
                 self.min_valid_replies,
             )
             return metrics, None
-        return metrics, self.aggregate_secure(server_round, outcome)
+        target = self.aggregate_secure(server_round, outcome)
+        metrics.update(self._secure_stats)
+        self._secure_stats = {}
+        return metrics, target
 
     def _exchange(self, server_round: int):
         """One protocol stage on the round's Grid, its bytes counted with the round's."""

@@ -258,7 +258,7 @@ def test_secure_fedavg_equals_weighted_fedavg_within_the_stated_quantization_err
     encoding = WeightedEncoding(clipping_range=8.0, quantization_range=2**22, max_weight=1000.0)
     grid = SecAggGrid(updates)
     grid.encoded = {node: encoding.encode(updates[node], num_examples=examples[node], rng=rng) for node in updates}
-    round_ = SecAggPlusRound(config=config, node_ids=updates, server_round=1, length=41)
+    round_ = SecAggPlusRound(config=config, node_ids=updates, server_round=1, length=encoding.length(40))
     record = ConfigRecord(round_.setup_record())
     keys = {}
     for node in updates:
@@ -274,6 +274,20 @@ def test_secure_fedavg_equals_weighted_fedavg_within_the_stated_quantization_err
     plain = weighted_average([[updates[n]] for n in updates], [quantized[n] for n in updates])[0]
     bound = len(sizes) * (16.0 / 2**22) / sum(quantized.values())
     assert np.max(np.abs(secure - plain)) <= bound
+    assert encoding.clipped_values(outcome.total) == 0
+
+
+def test_values_beyond_the_clipping_range_are_clipped_and_counted():
+    # Prepare: one client's weighted update has 3 values beyond clipping_range=1
+    encoding = WeightedEncoding(clipping_range=1.0, quantization_range=2**20, max_weight=1.0)
+    update = np.array([0.5, 2.0, -3.0, 1.5, 0.0])
+
+    # Execute
+    encoded = encoding.encode(update, num_examples=1.0, rng=np.random.default_rng(0))
+
+    # Assert
+    assert encoding.clipped_values(encoded) == 3
+    assert encoding.decode(encoded) == pytest.approx([0.5, 1.0, -1.0, 1.0, 0.0], abs=2 / 2**20)
 
 
 def _secure_round(strategy, grid, global_arrays, server_round=1):
@@ -301,7 +315,7 @@ def test_weighted_fedavg_with_secagg_gives_fedavgs_model_and_never_sees_an_updat
         [[updates[n]] for n in updates], [examples[n] for n in updates]
     )[0]
     assert np.max(np.abs(flat - expected)) < 1e-5
-    assert metrics["num_clients"] == 4 and metrics["secagg_refused"] == 0
+    assert metrics["num_clients"] == 4 and metrics["secagg_refused"] == 0 and metrics["secagg_clipped_values"] == 0
     setup = [msg for msg in grid.sent if msg.content.config_records[m.RECORD][m.STAGE] == m.SETUP]
     assert len(setup) == 4 and all("arrays" in msg.content.array_records for msg in setup)
 

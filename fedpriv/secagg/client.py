@@ -30,7 +30,7 @@ from flwr.supercore.primitives.asymmetric import (
 )
 
 from . import messages as m
-from .masking import SEED_BYTES, mask_input, pairwise_seed
+from .masking import KEY_SEED_BYTES, SEED_BYTES, mask_input, pairwise_seed, public_key_of_seed
 
 State = dict[str, Any]
 
@@ -41,8 +41,12 @@ def _key_pair() -> tuple[bytes, bytes]:
 
 
 def setup(*, node_id: int, config: Mapping[str, Any]) -> tuple[State, dict[str, Any]]:
-    """Stage 0: fresh key pairs and self-mask seed for this round; reply the public keys."""
-    sk1, pk1 = _key_pair()
+    """Stage 0: fresh key pairs and self-mask seed for this round; reply the public keys.
+
+    The masking key pair comes from a 48-byte seed, which is what gets shared.
+    """
+    sk1 = os.urandom(KEY_SEED_BYTES)
+    pk1 = public_key_of_seed(sk1)
     sk2, pk2 = _key_pair()
     state = {
         "node-id": node_id,

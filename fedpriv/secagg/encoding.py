@@ -4,11 +4,12 @@ Two encodings of a client's update (its model minus the global model, as one
 flat float64 vector), both integer vectors taken modulo ``modulus_range``:
 
 * :class:`WeightedEncoding` (no DP): the weight ``w = min(n / max_weight, 1)``
-  (quantized to ``1 / quantization_range``) first, then ``w * update``
-  clipped per coordinate to ``clipping_range`` and stochastically rounded to
-  ``quantization_range`` levels. The sum holds ``sum w`` and ``sum w *
-  update``: FedAvg's weighted mean, while no single count leaves a client in
-  the clear.
+  (quantized to ``1 / quantization_range``) first, then the number of
+  coordinates the clipping below changed, then ``w * update`` clipped per
+  coordinate to ``clipping_range`` and stochastically rounded to
+  ``quantization_range`` levels. The sum holds ``sum w``, the clipped count
+  and ``sum w * update``: FedAvg's weighted mean, while no single count
+  leaves a client in the clear.
 * :class:`DistributedDPEncoding` (DP-FedAvg): the update clipped to L2 norm
   ``clipping_norm``, times its bounded weight, times ``scale``, stochastically
   rounded, plus this client's share of Skellam noise
@@ -64,12 +65,18 @@ class WeightedEncoding:
     max_weight: float
 
     def encode(self, update: np.ndarray, *, num_examples: float, rng: np.random.Generator) -> np.ndarray:
-        """``[weight, weighted update]`` as integers (the weight in ``1 / quantization_range`` units)."""
+        """``[weight, clipped count, weighted update]`` as integers (the weight in ``1 / quantization_range`` units)."""
         ratio = min(float(num_examples) / self.max_weight, 1.0)
         weight = max(round(ratio * self.quantization_range), 1)
         levels = self.quantization_range / (2 * self.clipping_range)
-        weighted = np.clip(update * (weight / self.quantization_range), -self.clipping_range, self.clipping_range)
-        return np.concatenate([[weight], stochastic_round(weighted * levels, rng=rng)])
+        weighted = update * (weight / self.quantization_range)
+        clipped = int(np.count_nonzero(np.abs(weighted) > self.clipping_range))
+        bounded = np.clip(weighted, -self.clipping_range, self.clipping_range)
+        return np.concatenate([[weight, clipped], stochastic_round(bounded * levels, rng=rng)])
+
+    def clipped_values(self, total: np.ndarray) -> int:
+        """How many coordinates the clients' clipping to ``clipping_range`` changed, all clients together."""
+        return int(total[1])
 
     def decode(self, total: np.ndarray) -> np.ndarray:
         """The weighted mean update from the centred sum of every survivor's encoding.
@@ -83,11 +90,11 @@ class WeightedEncoding:
         if weight_sum <= 0:
             raise fail("sum of weights", weight_sum, "must be > 0")
         levels = self.quantization_range / (2 * self.clipping_range)
-        return total[1:].astype(np.float64) / levels / weight_sum
+        return total[2:].astype(np.float64) / levels / weight_sum
 
     def length(self, dimension: int) -> int:
         """Integers per client for a model of ``dimension`` values."""
-        return dimension + 1
+        return dimension + 2
 
 
 @dataclass(frozen=True)

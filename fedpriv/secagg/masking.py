@@ -16,13 +16,19 @@ import base64
 from collections.abc import Mapping
 
 import numpy as np
+from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms
 from flwr.common.secure_aggregation.crypto.symmetric_encryption import generate_shared_key
-from flwr.supercore.primitives.asymmetric import bytes_to_private_key, bytes_to_public_key
+from flwr.supercore.primitives.asymmetric import bytes_to_public_key, public_key_to_bytes
 
 from fedpriv.checks import fail
 
 SEED_BYTES = 32
+KEY_SEED_BYTES = 48
+"""A masking key pair is derived from 48 random bytes: 4 Shamir chunks to share, not 20 for its DER form."""
+_CURVE = ec.SECP384R1()
+# The group order of SECP384R1: a seed is reduced into [1, order - 1].
+_ORDER = 0xFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFC7634D81F4372DDF581A0DB248B0A77AECEC196ACCC52973
 # Distinct nonces keep a self mask and a pairwise mask apart even under one seed.
 SELF_MASK_NONCE = b"fedpriv-self-msk"
 PAIRWISE_MASK_NONCE = b"fedpriv-pair-msk"
@@ -41,9 +47,21 @@ def expand_mask(seed: bytes, *, length: int, modulus: int, nonce: bytes) -> np.n
     return np.frombuffer(stream, dtype="<u4").astype(np.int64) & (modulus - 1)
 
 
-def pairwise_seed(private_key: bytes, peer_public_key: bytes) -> bytes:
-    """The 32-byte seed two clients share: ECDH of one's secret key with the other's public key."""
-    shared = generate_shared_key(bytes_to_private_key(private_key), bytes_to_public_key(peer_public_key))
+def key_from_seed(key_seed: bytes) -> ec.EllipticCurvePrivateKey:
+    """The SECP384R1 private key of a 48-byte seed (the seed read as an integer, reduced into [1, order - 1])."""
+    if len(key_seed) != KEY_SEED_BYTES:
+        raise fail("key seed", f"{len(key_seed)} bytes", f"must be {KEY_SEED_BYTES} bytes")
+    return ec.derive_private_key(int.from_bytes(key_seed, "big") % (_ORDER - 1) + 1, _CURVE)
+
+
+def public_key_of_seed(key_seed: bytes) -> bytes:
+    """The public key (Flower's byte form) of :func:`key_from_seed`."""
+    return public_key_to_bytes(key_from_seed(key_seed).public_key())
+
+
+def pairwise_seed(key_seed: bytes, peer_public_key: bytes) -> bytes:
+    """The 32-byte seed two clients share: ECDH of one's masking key with the other's public key."""
+    shared = generate_shared_key(key_from_seed(key_seed), bytes_to_public_key(peer_public_key))
     return base64.urlsafe_b64decode(shared)
 
 
