@@ -16,6 +16,7 @@ import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
+from clients import he_client
 from clients.node_state import node_state_path, restore_node_state, save_node_state
 from clients.privacy_state import STATE_KEY, PrivacyBudgetExhausted
 from fedpriv.experiment import client_examples, experiment_from_run_config
@@ -42,6 +43,7 @@ DATA_ERROR = 101
 TRAIN_ERROR = 102
 EVALUATE_REFUSED = 103
 SECURE_REFUSED = 104
+KEY_ERROR = 105
 PRIVACY_METRIC_KEYS = frozenset(
     {key for keys in PRIVACY_REPLY_KEYS.values() for key in keys} | {LOCAL_BASIC_EPSILON_KEY}
 )
@@ -93,8 +95,32 @@ class DataError(Exception):
         self.reason = reason
 
 
-def _prepare(msg: Message, context: Context):
+class KeyProblem(Exception):
+    """``secure=ckks``: this node has no usable key for the run; ``reason`` is what the reply says."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+@dataclass(frozen=True)
+class Prepared:
+    """What a message needs: the experiment, this node's examples and the received global model."""
+
+    experiment: Any
+    partition_id: int
+    model: torch.nn.Module
+    x: torch.Tensor
+    y: torch.Tensor
+    he_context: Any = None  # secure=ckks: this node's secret TenSEAL context
+
+
+def _prepare(msg: Message, context: Context, *, held_out: bool = False) -> Prepared:
     """Rebuild the experiment, this node's data and the global model from ``msg``.
+
+    With ``secure=ckks`` the global model is decrypted with this node's key,
+    and the examples are the training part of the partition, or with
+    ``held_out`` the part kept for federated evaluation.
 
     Raises
     ------
@@ -102,6 +128,9 @@ def _prepare(msg: Message, context: Context):
         With the config error's text, or, once the data is read, the loader's
         text for a non-private client only: a loader's message can quote the
         data (a CSV cell), which a private client must not send.
+    KeyProblem
+        ``secure=ckks``: the key is missing, unreadable, not the server's, or
+        does not decrypt the model.
     """
     try:
         experiment = experiment_from_run_config(context.run_config)
@@ -116,8 +145,22 @@ def _prepare(msg: Message, context: Context):
             raise DataError(str(exc)) from exc
         logger.error("client data could not be loaded: %s", exc)
         raise DataError(f"{type(exc).__name__} (a private client keeps the details in its own log)") from exc
-    model.load_state_dict(msg.content["arrays"].to_torch_state_dict())
-    return experiment, partition_id, model, x, y
+    if experiment.secure.name != "ckks":
+        model.load_state_dict(msg.content["arrays"].to_torch_state_dict())
+        return Prepared(experiment=experiment, partition_id=partition_id, model=model, x=x, y=y)
+    try:
+        he_context, own = he_client.secret_context(
+            experiment.secure, node_config=context.node_config, run_config=context.run_config
+        )
+        he_client.check_server_key(msg, own)
+        he_client.load_global_model(model, msg.content["arrays"], context=he_context)
+    except ValueError as exc:
+        raise KeyProblem(f"secure=ckks: {exc}") from exc
+    train, evaluation = he_client.held_out_split(
+        x, y, fraction=experiment.secure.eval_fraction, seed=experiment.settings.seed, partition_id=partition_id
+    )
+    x, y = evaluation if held_out else train
+    return Prepared(experiment=experiment, partition_id=partition_id, model=model, x=x, y=y, he_context=he_context)
 
 
 @dataclass(frozen=True)
@@ -128,14 +171,18 @@ class TrainedRound:
     model: torch.nn.Module
     outcome: Any
     seed: int | None
+    he_context: Any = None
 
 
 def _train_locally(msg: Message, context: Context) -> TrainedRound | Message:
     """Train the received global model on this node's partition; an error or decline reply if it cannot."""
     try:
-        experiment, partition_id, model, x, y = _prepare(msg, context)
+        prepared = _prepare(msg, context)
     except DataError as exc:
         return _error_reply(msg, code=DATA_ERROR, reason=f"client data could not be loaded: {exc.reason}")
+    except KeyProblem as exc:
+        return _error_reply(msg, code=KEY_ERROR, reason=exc.reason)
+    experiment, partition_id, model, x, y = prepared.experiment, prepared.partition_id, prepared.model, prepared.x, prepared.y
     # audit.level=record: the included canary records of this client join its training data.
     x, y = experiment.audit.client_data(
         x,
@@ -185,7 +232,7 @@ def _train_locally(msg: Message, context: Context) -> TrainedRound | Message:
         return _error_reply(msg, code=TRAIN_ERROR, reason=f"local training failed: {exc}")
     if state_path is not None:
         save_node_state(context.state, state_path)
-    return TrainedRound(experiment=experiment, model=model, outcome=outcome, seed=seed)
+    return TrainedRound(experiment=experiment, model=model, outcome=outcome, seed=seed, he_context=prepared.he_context)
 
 
 @app.train()
@@ -208,6 +255,8 @@ def train(msg: Message, context: Context) -> Message:
     if isinstance(trained, Message):
         return trained
     outcome = trained.outcome
+    if trained.he_context is not None:
+        return _encrypted_reply(msg, trained)
     loss = {} if outcome.loss is None else {"train_loss": outcome.loss}
     metrics = {WEIGHT_KEY: outcome.num_examples, **loss, **outcome.metrics}
     content = RecordDict(
@@ -216,9 +265,22 @@ def train(msg: Message, context: Context) -> Message:
     return Message(content=content, reply_to=msg)
 
 
+def _encrypted_reply(msg: Message, trained: TrainedRound) -> Message:
+    """``secure=ckks``: the weighted model encrypted; in the clear only the privacy the client reports."""
+    secure = trained.experiment.secure
+    arrays = he_client.encrypted_model(
+        trained.model, context=trained.he_context, num_examples=trained.outcome.num_examples, secure=secure
+    )
+    content = {"arrays": arrays}
+    privacy = {k: v for k, v in trained.outcome.metrics.items() if k in PRIVACY_METRIC_KEYS}
+    if privacy:
+        content["metrics"] = MetricRecord(privacy)
+    return Message(content=RecordDict(content), reply_to=msg)
+
+
 def _secure_run(context: Context) -> bool:
     try:
-        return experiment_from_run_config(context.run_config).secure.enabled
+        return experiment_from_run_config(context.run_config).secure.name == "secagg"
     except (OSError, ValueError):
         return False
 
@@ -293,16 +355,19 @@ def _secure_setup(msg: Message, context: Context, record: ConfigRecord) -> Messa
 
 @app.evaluate()
 def evaluate(msg: Message, context: Context) -> Message:
-    """Evaluate the received global model on this node's partition.
+    """Evaluate the received global model on this node's partition (``secure=ckks``: its held-out part).
 
     A private client refuses: its exact loss, accuracy and size on local data
     are not covered by any epsilon.
     """
     torch.set_num_threads(1)
     try:
-        experiment, _, model, x, y = _prepare(msg, context)
+        prepared = _prepare(msg, context, held_out=True)
     except DataError as exc:
         return _error_reply(msg, code=DATA_ERROR, reason=f"client data could not be loaded: {exc.reason}")
+    except KeyProblem as exc:
+        return _error_reply(msg, code=KEY_ERROR, reason=exc.reason)
+    experiment, model, x, y = prepared.experiment, prepared.model, prepared.x, prepared.y
     if experiment.client.privacy_level is not None:
         return _error_reply(
             msg,

@@ -199,6 +199,12 @@ def _check_secure(experiment: Experiment) -> None:
     secure = experiment.secure
     if not secure.enabled:
         return
+    if secure.name == "ckks":
+        if experiment.settings.resume:
+            raise ConfigError(f"resume={experiment.settings.resume!r}: a secure=ckks run cannot be resumed")
+        if type(experiment.audit).__name__ != "NoAudit":
+            raise ConfigError("audit: the server of a secure=ckks run cannot read the model it would audit")
+        return
     num_clients = experiment.settings.num_clients
     if num_clients < 2:
         raise ConfigError(f"num_clients={num_clients}: secure={secure.name} needs at least 2 clients")
@@ -240,6 +246,10 @@ def prepare_run(nested: dict[str, Any], *, default_output_dir: str) -> tuple[Exp
         nested["resume"] = nested["output_dir"] = _resume_folder(nested)
     if not nested.get("output_dir"):
         nested["output_dir"] = default_output_dir
+    secure = nested.get("secure") or {}
+    if str(secure.get("_target_", "")).endswith("CKKS") and not secure.get("key_dir"):
+        # The run's own keys, in its folder: the clients read the secret one, the server the public one.
+        nested["secure"] = {**secure, "key_dir": str(Path(nested["output_dir"]) / "he-keys")}
     experiment = load_experiment(nested)
     if experiment.settings.resume:
         check_resumable(load_checkpoint(experiment.settings.resume), config=nested, run_dir=experiment.settings.resume)
@@ -251,7 +261,18 @@ def prepare_run(nested: dict[str, Any], *, default_output_dir: str) -> tuple[Exp
     except (OSError, ValueError) as exc:
         raise ConfigError(str(exc)) from exc
     check_runnable(experiment, mode=mode)
+    if experiment.secure.name == "ckks":
+        _ensure_keys(experiment.secure)
     return experiment, mode, flatten(nested)
+
+
+def _ensure_keys(secure: Any) -> None:
+    """Make the CKKS keys in ``secure.key_dir`` unless a public context is already there."""
+    from fedpriv.he.keys import PUBLIC_FILE, make_keys
+
+    folder = Path(secure.key_dir).expanduser()
+    if not (folder / PUBLIC_FILE).is_file():
+        make_keys(folder, secure)
 
 
 def build_run_components(experiment: Experiment, *, mode_config: Mapping[str, Any]) -> Any:
@@ -279,9 +300,16 @@ def build_run_components(experiment: Experiment, *, mode_config: Mapping[str, An
     return build_component(mode_config, key="mode")
 
 
-def enable_secure_aggregation(strategy: Any, secure: Any, *, model: nn.Module) -> None:
-    """Turn on ``secure`` in ``strategy`` for ``model``'s size (``ValueError`` if they do not fit)."""
-    strategy.enable_secure_aggregation(secure, dimension=sum(value.numel() for value in model.state_dict().values()))
+def enable_secure_aggregation(strategy: Any, secure: Any, *, model: nn.Module, public_context: Any = None) -> None:
+    """Turn on ``secure`` in ``strategy`` for ``model``'s size (``ValueError`` if they do not fit).
+
+    ``secure=ckks`` takes the server's ``public_context``; without one only the settings are checked.
+    """
+    dimension = sum(value.numel() for value in model.state_dict().values())
+    if secure.name == "ckks":
+        strategy.enable_homomorphic_encryption(secure, dimension=dimension, public_context=public_context)
+    else:
+        strategy.enable_secure_aggregation(secure, dimension=dimension)
 
 
 def _resume_folder(nested: Mapping[str, Any]) -> str:

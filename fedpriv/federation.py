@@ -49,8 +49,10 @@ import time
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 from fedpriv.deployment import flower_command, flwr_json
+from fedpriv.he.keys import NODE_KEY_DIR_KEY
 from fedpriv.logs import get_logger
 
 logger = get_logger(__name__)
@@ -99,6 +101,10 @@ class Federation:
         Their ClientAppIo (Runtime API) ports.
     start_times : dict[str, int]
         Kernel start time of every PID above (to recognise a recycled PID).
+    he_key_dir : str | None
+        With CKKS keys: the folder of the server's public context
+        (``secure.key_dir``); each SuperNode's secret context is in its own
+        ``supernode-<i>`` folder under it, named by its ``he-key-dir``.
     """
 
     dir: str
@@ -110,6 +116,7 @@ class Federation:
     supernode_pids: list[int] = field(default_factory=list)
     supernode_ports: list[int] = field(default_factory=list)
     start_times: dict[str, int] = field(default_factory=dict)
+    he_key_dir: str | None = None
 
     @property
     def pids(self) -> list[int]:
@@ -124,6 +131,10 @@ class Federation:
         else:
             overrides.append(f"mode.root_certificates={self.root_certificates}")
         return overrides
+
+    def secure_overrides(self) -> list[str]:
+        """With CKKS keys, the overrides that run ``secure=ckks`` with them; else none."""
+        return ["secure=ckks", f"secure.key_dir={self.he_key_dir}"] if self.he_key_dir else []
 
 
 # --------------------------------------------------------------------------- processes
@@ -428,10 +439,37 @@ def _same_process(pid: int, state: dict) -> bool:
     return recorded is None or current is None or recorded == current
 
 
-def _node_config(directory: Path, *, index: int, num_supernodes: int) -> str:
-    """The ``--node-config`` of SuperNode ``index``: its partition and its own ledger folder."""
+def _node_config(directory: Path, *, index: int, num_supernodes: int, he_key_dir: Path | None = None) -> str:
+    """The ``--node-config`` of SuperNode ``index``: its partition, its own ledger folder and key folder."""
     ledger_dir = directory / "ledgers" / f"supernode-{index}"
-    return f'partition-id={index} num-partitions={num_supernodes} ledger-dir="{ledger_dir}"'
+    config = f'partition-id={index} num-partitions={num_supernodes} ledger-dir="{ledger_dir}"'
+    if he_key_dir is not None:
+        config += f' {NODE_KEY_DIR_KEY}="{he_key_dir / f"supernode-{index}"}"'
+    return config
+
+
+def make_he_keys(folder: Path, *, num_supernodes: int, ckks: Any) -> Path:
+    """CKKS keys for a local federation: the public context in ``folder``, the secret one in each SuperNode's.
+
+    ``folder`` (the server's ``secure.key_dir``) keeps no secret key. Keys
+    already made are kept (a restarted federation keeps its clients' key).
+    """
+    from fedpriv.he.keys import PUBLIC_FILE, SECRET_FILE, make_keys
+
+    first = folder / "supernode-0" / SECRET_FILE
+    if not (folder / PUBLIC_FILE).is_file() or not first.is_file():
+        make_keys(folder, ckks)
+        (folder / "supernode-0").mkdir(exist_ok=True)
+        os.replace(folder / SECRET_FILE, first)
+    secret = first.read_bytes()
+    for index in range(1, num_supernodes):
+        node = folder / f"supernode-{index}"
+        node.mkdir(parents=True, exist_ok=True)
+        target = node / SECRET_FILE
+        target.write_bytes(b"")
+        target.chmod(0o600)
+        target.write_bytes(secret)
+    return folder
 
 
 def start_federation(
@@ -442,6 +480,7 @@ def start_federation(
     auth: bool = False,
     timeout: float = 120.0,
     supernode_args: Iterable[str] = (),
+    he_keys: Any = None,
 ) -> Federation:
     """Start a SuperLink and ``num_supernodes`` SuperNodes on 127.0.0.1.
 
@@ -461,6 +500,9 @@ def start_federation(
         Seconds to wait for every SuperNode to come online.
     supernode_args : Iterable[str]
         Extra arguments for every ``flower-supernode``.
+    he_keys : fedpriv.he.CKKS or None
+        Make CKKS keys with these parameters (:func:`make_he_keys`) and give
+        every SuperNode its ``he-key-dir``.
 
     Returns
     -------
@@ -486,6 +528,9 @@ def start_federation(
     link_port, *node_ports = _free_ports(1 + num_supernodes)
     address = f"{HOST}:{link_port}"
     certificates = make_certificates(directory) if tls else None
+    he_key_dir = None
+    if he_keys is not None:
+        he_key_dir = make_he_keys(directory / "he-keys", num_supernodes=num_supernodes, ckks=he_keys)
     state: dict = {
         "dir": str(directory),
         "address": address,
@@ -496,6 +541,7 @@ def start_federation(
         "supernode_pids": [],
         "supernode_ports": node_ports,
         "start_times": {},
+        "he_key_dir": str(he_key_dir) if he_key_dir else None,
     }
     processes: list[tuple[str, subprocess.Popen]] = []
     try:
@@ -526,7 +572,8 @@ def start_federation(
         for index, port in enumerate(node_ports):
             node_cmd = [_bin("flower-supernode"), "--superlink", address, "--host", HOST,
                         "--port", str(port),
-                        "--node-config", _node_config(directory, index=index, num_supernodes=num_supernodes)]
+                        "--node-config",
+                        _node_config(directory, index=index, num_supernodes=num_supernodes, he_key_dir=he_key_dir)]
             if certificates:
                 node_cmd += ["--root-certificates", str(certificates["ca"])]
             else:
@@ -653,7 +700,7 @@ def describe(federation: Federation) -> str:
     lines += [
         f"logs and PID files: {federation.dir}",
         "run an experiment on it with:",
-        f"  python scripts/run.py {' '.join(federation.mode_overrides())}",
+        f"  python scripts/run.py {' '.join([*federation.mode_overrides(), *federation.secure_overrides()])}",
         federation.address,
     ]
     return "\n".join(lines)

@@ -65,6 +65,11 @@ def _atomic_write(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
+MODEL_FILE = "model.pt"
+ENCRYPTED_MODEL_FILE = "model-encrypted.pt"
+"""``secure=ckks``: the final model as ciphertexts; ``scripts/decrypt_model.py`` writes ``model.pt`` from it."""
+
+
 class RunRecorder:
     """Writes one run's results into its output folder.
 
@@ -85,6 +90,9 @@ class RunRecorder:
     privacy : Mapping[str, Any]
         The ``privacy`` section of ``results.json``: which protections were
         on, and whether seeded noise voided them.
+    model_file : str
+        Name of the final model's file: :data:`MODEL_FILE`, or
+        :data:`ENCRYPTED_MODEL_FILE` when the server holds only ciphertexts.
     """
 
     def __init__(
@@ -96,8 +104,10 @@ class RunRecorder:
         resumed: Checkpoint | None = None,
         client_level_private: bool = False,
         privacy: Mapping[str, Any] | None = None,
+        model_file: str = MODEL_FILE,
     ) -> None:
         self.output_dir = Path(output_dir)
+        self.model_file = model_file
         self.output_dir.mkdir(parents=True, exist_ok=True)
         self.config = dict(config)
         self.ledger_id = ledger_id
@@ -176,7 +186,7 @@ class RunRecorder:
         """
         if stopped_reason not in STOPPED_REASONS:
             raise ValueError(f"stopped_reason={stopped_reason!r}: must be one of {list(STOPPED_REASONS)}")
-        torch.save(dict(state_dict), self.output_dir / "model.pt")
+        torch.save(dict(state_dict), self.output_dir / self.model_file)
         measured = {
             "rounds_completed": len(self.rounds),
             "stopped_reason": stopped_reason,

@@ -43,6 +43,8 @@ def main(argv: list[str] | None = None) -> int:
         sub.add_argument("--auth", action="store_true",
                          help="SuperNode authentication: register a key per SuperNode, refuse others")
         sub.add_argument("--timeout", type=float, default=120.0, help="seconds to wait for the SuperNodes")
+        sub.add_argument("--he-keys", action="store_true",
+                         help="make CKKS keys (default secure=ckks settings) and give each SuperNode a copy, for secure=ckks")
     stop = commands.add_parser("stop", help="stop the processes started from --dir")
     stop.add_argument("--dir", required=True, type=Path)
     stop.add_argument("--grace-seconds", type=float, default=10.0)
@@ -53,8 +55,15 @@ def main(argv: list[str] | None = None) -> int:
         print(f"stopped {len(stopped)} process(es)" if stopped else "nothing to stop")
         return 0
     try:
-        federation = start_federation(args.dir, args.num_supernodes, tls=args.tls, auth=args.auth, timeout=args.timeout)
-    except FederationError as exc:
+        he_keys = None
+        if args.he_keys:
+            from fedpriv.he import CKKS
+
+            he_keys = CKKS()
+        federation = start_federation(
+            args.dir, args.num_supernodes, tls=args.tls, auth=args.auth, timeout=args.timeout, he_keys=he_keys
+        )
+    except (FederationError, ValueError) as exc:
         print(f"federation error: {exc}", file=sys.stderr)
         return 1
     print(describe(federation))

@@ -144,6 +144,8 @@ class DPFedAvg(WeightedFedAvg):
 
     accepts_extra_updates = True
     """This strategy takes ``extra_updates`` (what ``audit.level=client`` needs)."""
+    supports_homomorphic_encryption = False
+    """The server clips and noises each update: it cannot do that to ciphertexts."""
 
     def __init__(
         self,

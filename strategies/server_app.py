@@ -26,7 +26,7 @@ from fedpriv.checkpoint import Checkpoint, check_resumable, load_checkpoint
 from fedpriv.experiment import Experiment, enable_secure_aggregation, experiment_from_run_config
 from fedpriv.logs import get_logger
 from fedpriv.protocol import LEDGER_KEY, RESUMED_KEY
-from fedpriv.results import RunRecorder, merge_results_section
+from fedpriv.results import ENCRYPTED_MODEL_FILE, MODEL_FILE, RunRecorder, merge_results_section
 from fedpriv.run_config import build_component
 from fedpriv.metrics import dataset_metrics
 from strategies.weighted_fedavg import StopRun, WeightedFedAvg
@@ -106,6 +106,21 @@ def privacy_section(experiment: Experiment, strategy: WeightedFedAvg) -> dict[st
     }
 
 
+def federated_test_scores(scores: dict[str, float]) -> dict[str, float | None]:
+    """Clients' evaluation metrics (``eval_*``) under the names of the server's test metrics."""
+    named = {f"test_{key.removeprefix('eval_')}": value for key, value in scores.items() if key.startswith("eval_")}
+    return {"test_loss": None, "test_accuracy": None, **named}
+
+
+def _public_context(experiment: Experiment):
+    """``secure=ckks``: the server's public TenSEAL context from ``secure.key_dir``; else ``None``."""
+    if experiment.secure.name != "ckks":
+        return None
+    from fedpriv.he.keys import load_public_context
+
+    return load_public_context(experiment.secure.key_dir)
+
+
 def progress(rounds: list[dict[str, Any]], *, total_rounds: int) -> str:
     """Elapsed time and an estimate of the time left, from the rounds so far.
 
@@ -137,7 +152,7 @@ def run_experiment(grid: Grid, experiment: Experiment, *, default_output_dir: Pa
     torch.manual_seed(settings.seed)
     model = experiment.build_model()
     if experiment.secure.enabled:
-        enable_secure_aggregation(strategy, experiment.secure, model=model)
+        enable_secure_aggregation(strategy, experiment.secure, model=model, public_context=_public_context(experiment))
     privacy = privacy_section(experiment, strategy)
     if privacy["guarantee_void"]:
         logger.warning("DP noise or sampling is seeded from the config: this run's privacy guarantee is VOID")
@@ -154,6 +169,7 @@ def run_experiment(grid: Grid, experiment: Experiment, *, default_output_dir: Pa
     ledger_id = resumed.ledger_id if resumed is not None else uuid.uuid4().hex
     recorder = RunRecorder(
         output_dir,
+        model_file=ENCRYPTED_MODEL_FILE if strategy.encrypted_model else MODEL_FILE,
         config=experiment.config,
         ledger_id=ledger_id,
         resumed=resumed,
@@ -167,6 +183,8 @@ def run_experiment(grid: Grid, experiment: Experiment, *, default_output_dir: Pa
         # Flower's evaluate_fn is its only per-round callback: the server's
         # evaluation, the round's row and the checkpoint all happen here.
         server_round = strategy.run_round(flower_round) if flower_round else 0
+        if strategy.encrypted_model:
+            return encrypted_round(server_round, arrays)
         state_dict = arrays.to_torch_state_dict()
         model.load_state_dict(state_dict)
         scores = dataset_metrics(model, splits.test_x, splits.test_y, dataset=experiment.dataset)
@@ -189,6 +207,24 @@ def run_experiment(grid: Grid, experiment: Experiment, *, default_output_dir: Pa
             )
             logger.info("%s", round_line(row, rounds=recorder.rounds, total_rounds=settings.num_rounds))
         return MetricRecord({"test_loss": loss, "test_accuracy": accuracy})
+
+    def encrypted_round(server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
+        # secure=ckks: the server cannot read the model; the clients' federated
+        # evaluation of it stands in for the test metrics.
+        if server_round == 0:
+            recorder.start_clock()
+            return None
+        scores = federated_test_scores(strategy.federated_scores.get(server_round, {}))
+        state_dict = {name: torch.from_numpy(array.numpy().copy()) for name, array in arrays.items()}
+        latest.update(state_dict=state_dict, scores=scores)
+        row = recorder.record_round(
+            server_round=server_round,
+            metrics={**strategy.train_metrics.get(server_round, {}), **scores},
+            state_dict=state_dict,
+            strategy_state=strategy.resume_state(),
+        )
+        logger.info("%s", round_line(row, rounds=recorder.rounds, total_rounds=settings.num_rounds))
+        return None
 
     stop = None
     try:

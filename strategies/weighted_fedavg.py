@@ -30,12 +30,16 @@ from strategies.aggregation import (
     weighted_average,
     weighted_metrics,
 )
+from fedpriv.he.keys import fingerprint
+from fedpriv.he.packing import FINGERPRINT, HEADER
+from fedpriv.he.packing import RECORD as HE_RECORD
 from fedpriv.secagg.encoding import WeightedEncoding
 from fedpriv.secagg.messages import RECORD as SECAGG_RECORD
 from fedpriv.secagg.messages import encoding_to_record
 from strategies.client_privacy import REPLY_PRIVACY_KEYS, ClientPrivacyTally
 from strategies.communication import TrafficTally
 from strategies.nodes import NodeTracker
+from strategies.he_server import EncryptedSum, parse_encrypted_reply
 from strategies.secagg_server import SecAggOutcome, SecAggPlusRound, parse_setup_reply
 
 logger = get_logger(__name__)
@@ -197,6 +201,11 @@ class WeightedFedAvg(Strategy):
         self._encoding: Any = None  # how this round's clients encode their update
         self._grid: Grid | None = None
         self._secure_stats: dict[str, float] = {}
+        self.he = None  # a fedpriv.he.CKKS once the model is kept encrypted
+        self.he_context: Any = None  # its public TenSEAL context (never a secret key)
+        self._he_chunks = 0
+        self._he_extra: dict[str, ConfigRecord] = {}  # the public key's fingerprint, sent to clients
+        self.federated_scores: dict[int, dict[str, float]] = {}  # per round, under secure=ckks
 
     supports_secure_aggregation = True
     """Whether :meth:`enable_secure_aggregation` may be called."""
@@ -218,6 +227,48 @@ class WeightedFedAvg(Strategy):
                 "(adaptive clipping counts clipped updates); use strategy=dp_fixed"
             )
         self.secure = secure
+
+    supports_homomorphic_encryption = True
+    """Whether :meth:`enable_homomorphic_encryption` may be called."""
+
+    def enable_homomorphic_encryption(self, ckks, *, dimension: int, public_context: Any = None) -> None:
+        """Keep the model encrypted under CKKS (``ckks``, a :class:`fedpriv.he.CKKS`); add clients' ciphertexts.
+
+        The server holds ``public_context`` (no secret key) and ciphertexts
+        only. It cannot evaluate, so federated evaluation is turned on (every
+        client, unless ``fraction_evaluate`` says otherwise). ``dimension``
+        (values in the model) fixes how many ciphertexts a reply holds.
+        Without a context only the settings are checked.
+
+        Raises
+        ------
+        ValueError
+            If this strategy must read updates, ``server_lr`` is not 1 (an
+            encrypted model cannot be divided on the server), or the context
+            holds a secret key.
+        """
+        if not self.supports_homomorphic_encryption:
+            raise ValueError(
+                f"secure={ckks.name}: {type(self).__name__} clips and noises updates on the server, which "
+                "cannot read encrypted ones; use client=opacus for DP with secure=ckks"
+            )
+        if self.server_lr != 1.0:
+            raise ValueError(f"strategy.server_lr={self.server_lr:g}: secure={ckks.name} needs 1.0 (plain FedAvg)")
+        if public_context is not None and public_context.is_private():
+            raise ValueError("the server's CKKS context holds a secret key: it must hold the public key only")
+        self.he = ckks
+        self.he_context = public_context
+        self._he_extra = {}
+        if public_context is not None:
+            self._he_extra = {HE_RECORD: ConfigRecord({FINGERPRINT: fingerprint(public_context)})}
+        self._he_chunks = -(-(dimension + HEADER) // ckks.slots)
+        if self.fraction_evaluate == 0.0:
+            self.fraction_evaluate = 1.0
+
+    @property
+    def encrypted_model(self) -> bool:
+        """Whether the global model is kept encrypted (``secure=ckks``)."""
+        return self.he is not None
 
     def secure_encoding(self, *, num_sampled: int, dimension: int) -> WeightedEncoding:
         """How clients encode their update for secure aggregation: weighted, no noise."""
@@ -341,7 +392,7 @@ class WeightedFedAvg(Strategy):
         self._round_nodes[server_round] = {**self.nodes.counts, "num_sampled": len(node_ids)}
         self._round_sampled[server_round] = list(node_ids)
         logger.debug("round %d: training on %d nodes", server_round, len(node_ids))
-        extra = self._secure_setup(server_round, node_ids, grid) if self.secure is not None else None
+        extra = self._secure_setup(server_round, node_ids, grid) if self.secure is not None else self._he_extra
         if extra is None and self.secure is not None:
             node_ids = []
         messages = self._messages(
@@ -449,6 +500,8 @@ class WeightedFedAvg(Strategy):
         elif unavailable:
             nodes["num_unreachable"] = unavailable
         # Flower's stand-in errors come from the SuperLink, not over a client's link.
+        if self.he is not None:
+            return self._aggregate_encrypted(server_round, replies, nodes)
         if self.secure is None:
             traffic = self.traffic.received(server_round, replies)
             metrics, target = self._plain_result(server_round, replies)
@@ -471,6 +524,55 @@ class WeightedFedAvg(Strategy):
             metrics, public=CLIENT_LEVEL_PUBLIC_ROUND if self.client_level_private else None
         )
         return arrays, MetricRecord({k: v for k, v in published.items() if v is not None})
+
+    def _aggregate_encrypted(
+        self, server_round: int, replies: list[Message], nodes: dict[str, int]
+    ) -> tuple[ArrayRecord | None, MetricRecord]:
+        """Add the clients' encrypted, weighted models; the sum stays encrypted.
+
+        A reply whose ciphertexts do not deserialize under the public context,
+        or whose count differs from the others', is rejected and counted.
+        """
+        traffic = self.traffic.received(server_round, replies)
+        total = EncryptedSum(self.he_context)
+        reporting, rejected, declined = [], 0, []
+        for msg in replies:
+            try:
+                decline = parse_decline(msg)
+                if decline is not None:
+                    declined.append(decline)
+                    continue
+                node_id, record, spent = parse_encrypted_reply(msg, num_chunks=self._he_chunks)
+                total.add(record)
+            except (RejectedReply, ValueError) as exc:
+                rejected += 1
+                logger.warning("rejected reply: node %d: %s", msg.metadata.src_node_id, exc)
+                spent = reported_privacy(msg, privacy_keys=REPLY_PRIVACY_KEYS)
+                if spent:
+                    reporting.append(MetricsReply(node_id=msg.metadata.src_node_id, num_examples=1.0, metrics=spent))
+                continue
+            reporting.append(MetricsReply(node_id=node_id, num_examples=1.0, metrics=spent))
+        self._note_declines(declined)
+        metrics = {
+            "num_clients": total.count,
+            "num_rejected": rejected,
+            "num_declined": len(declined),
+            "train_loss": None,
+            **self.client_privacy.track([*reporting, *declined]),
+            **nodes,
+            **traffic,
+        }
+        self.train_metrics[server_round] = metrics
+        published = MetricRecord({k: v for k, v in metrics.items() if v is not None})
+        if total.count < self.min_valid_replies:
+            logger.warning(
+                "round %d: %d valid replies < min_valid_replies=%d; keeping the previous model",
+                server_round,
+                total.count,
+                self.min_valid_replies,
+            )
+            return None, published
+        return total.record(), published
 
     def _note_declines(self, declined: list[MetricsReply]) -> None:
         self.client_privacy.decline(d.node_id for d in declined)
@@ -634,7 +736,12 @@ class WeightedFedAvg(Strategy):
             server_round=server_round,
         )
         return self._messages(
-            arrays=arrays, config=config, server_round=server_round, node_ids=node_ids, kind=MessageType.EVALUATE
+            arrays=arrays,
+            config=config,
+            server_round=server_round,
+            node_ids=node_ids,
+            kind=MessageType.EVALUATE,
+            extra=self._he_extra,
         )
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
@@ -647,9 +754,9 @@ class WeightedFedAvg(Strategy):
                 logger.warning("rejected evaluation reply: %s", exc)
         if not valid:
             return None
-        return MetricRecord(
-            weighted_metrics([r.metrics for r in valid], [r.num_examples for r in valid])
-        )
+        scores = weighted_metrics([r.metrics for r in valid], [r.num_examples for r in valid])
+        self.federated_scores[self.run_round(server_round)] = scores
+        return MetricRecord(scores)
 
 
 def _node_unavailable(msg: Message) -> bool:

@@ -82,6 +82,39 @@ def test_two_rounds_on_a_local_insecure_federation_then_a_failing_run(tmp_path):
 
 
 @pytest.mark.slow
+def test_two_ckks_rounds_with_a_key_on_each_supernode_and_none_on_the_server(tmp_path):
+    # Prepare: the launcher makes the keys: a copy of the secret one per SuperNode
+    from fedpriv.he import CKKS
+
+    directory = tmp_path / "federation"
+    fed = federation.start_federation(directory, 2, he_keys=CKKS())
+    started = fed.pids
+    try:
+        # Execute
+        result, out = run_experiment(
+            tmp_path, *fed.mode_overrides(), *fed.secure_overrides(), "num_clients=2", "num_rounds=2",
+            "client.local_epochs=1",
+        )
+        decrypted = run_project_script(
+            "decrypt_model.py", str(out), "--key-dir", str(directory / "he-keys" / "supernode-0"), cwd=tmp_path
+        )
+
+        # Assert: both rounds trained on both nodes and were evaluated by them; the
+        # server's folder holds the public context only, and the model as ciphertexts
+        assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+        document = json.loads((out / "results.json").read_text())
+        assert [(row["num_clients"], row["num_rejected"]) for row in document["rounds"]] == [(2, 0), (2, 0)]
+        assert all(row["test_accuracy"] > 0.3 for row in document["rounds"])
+        server_keys = sorted(p.name for p in (directory / "he-keys").iterdir() if p.is_file())
+        assert server_keys == ["public-context.tenseal"]
+        assert (directory / "he-keys" / "supernode-1" / "secret-context.tenseal").is_file()
+        assert decrypted.returncode == 0, decrypted.stderr
+        assert (out / "model.pt").is_file() and (out / "model-encrypted.pt").is_file()
+    finally:
+        stop_and_assert_gone(directory, started)
+
+
+@pytest.mark.slow
 def test_one_round_over_tls_with_supernode_authentication_then_a_resumed_second(tmp_path):
     # Prepare
     directory = tmp_path / "federation"
