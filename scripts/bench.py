@@ -51,6 +51,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable
 
+import numpy as np
 import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
@@ -66,7 +67,7 @@ from clients.plain import PlainTraining  # noqa: E402
 from fedpriv.models import CNN28, MLP  # noqa: E402
 
 FLOWER_APPS = ("+mode.server_app=bench_apps:server_app", "+mode.client_app=bench_apps:client_app")
-SECTIONS = ("overhead", "dp_step", "accounting", "flower", "scale", "memory", "utility", "local_dp", "secagg")
+SECTIONS = ("overhead", "dp_step", "accounting", "flower", "scale", "memory", "utility", "local_dp", "secagg", "he")
 SAMPLED_PER_ROUND = 10
 
 
@@ -99,6 +100,8 @@ class Sizes:
         Runs per point of section 8 (0: skip it).
     secagg_clients : tuple[int, ...]
         Federation sizes of section 9 (empty: skip it).
+    he : bool
+        Run section 10 (needs TenSEAL).
     """
 
     clients: int
@@ -113,6 +116,7 @@ class Sizes:
     utility: bool
     local_dp_repeats: int
     secagg_clients: tuple[int, ...]
+    he: bool
 
 
 SIZES = {
@@ -129,6 +133,7 @@ SIZES = {
         utility=False,
         local_dp_repeats=0,
         secagg_clients=(),
+        he=False,
     ),
     "quick": Sizes(
         clients=10,
@@ -143,6 +148,7 @@ SIZES = {
         utility=False,
         local_dp_repeats=1,
         secagg_clients=(10,),
+        he=True,
     ),
     "full": Sizes(
         clients=10,
@@ -157,6 +163,7 @@ SIZES = {
         utility=True,
         local_dp_repeats=2,
         secagg_clients=(10, 50),
+        he=True,
     ),
 }
 
@@ -429,6 +436,12 @@ def bench_flower(workload: list[str], *, sizes: Sizes, work_dir: Path) -> dict[s
         "fedpriv_epsilon_per_round": [row["epsilon_record_max"] for row in fedpriv["results"]["rounds"]],
         "flower_epsilon_per_round": [row["epsilon"] for row in flower["results"]["rounds"]],
     }
+
+
+def model_dimension(name: str) -> int:
+    """Values in the state dict of the bench model ``name`` (``mlp`` on digits, ``cnn28`` on MNIST)."""
+    factory, _, _ = STEP_MODELS[name]
+    return sum(value.numel() for value in factory().state_dict().values())
 
 
 def _steady(round_seconds: list[float]) -> float:
@@ -899,6 +912,82 @@ def bench_secagg(workloads: dict[str, list[str]], *, clients: tuple[int, ...], w
     return rows
 
 
+# --- section 10: homomorphic encryption ----------------------------------------------------
+
+HE_ROUNDS = 4
+HE_CLIENTS = 10
+
+
+def ckks_error(dimension: int, *, clients: int = HE_CLIENTS, seed: int = 0) -> dict[str, float]:
+    """Largest error of a decrypted weighted mean of ``clients`` random models of ``dimension`` values.
+
+    Models are uniform in [-1, 1] and weights 10 to 1,000 examples, at the
+    default ``secure=ckks`` parameters; also the seconds to encrypt, add and
+    decrypt one model.
+    """
+    from fedpriv.he import CKKS
+    from fedpriv.he.packing import decrypt_average, encrypt_weighted
+    from strategies.aggregation import weighted_average
+    from strategies.he_server import EncryptedSum
+
+    ckks = CKKS()
+    secret = ckks.make_context()
+    public = secret.copy()
+    public.make_context_public()
+    rng = np.random.default_rng(seed)
+    models = [rng.uniform(-1, 1, dimension) for _ in range(clients)]
+    weights = [float(w) for w in rng.integers(10, 1000, clients)]
+    total = EncryptedSum(public)
+    start = time.perf_counter()
+    records = [encrypt_weighted(secret, m, weight=w / ckks.weight_scale, slots=ckks.slots) for m, w in zip(models, weights)]
+    encrypt_seconds = (time.perf_counter() - start) / clients
+    start = time.perf_counter()
+    for record in records:
+        total.add(record)
+    add_seconds = (time.perf_counter() - start) / clients
+    start = time.perf_counter()
+    average = decrypt_average(secret, total.record(), length=dimension)
+    decrypt_seconds = time.perf_counter() - start
+    expected = weighted_average([[m] for m in models], weights)[0]
+    return {
+        "dimension": dimension,
+        "max_abs_error": float(np.max(np.abs(average - expected))),
+        "encrypt_seconds": encrypt_seconds,
+        "add_seconds": add_seconds,
+        "decrypt_seconds": decrypt_seconds,
+    }
+
+
+def bench_he(workloads: dict[str, tuple[list[str], int]], *, work_dir: Path) -> dict[str, Any]:
+    """Section 10: ``secure=ckks`` over ``secure=none``: seconds per round, bytes per client, the CKKS error.
+
+    Steady rounds (after the first) of the same federation of ``HE_CLIENTS``,
+    one local epoch; ``secure=ckks`` also evaluates on every client.
+    """
+    rows = {}
+    for name, (workload, dimension) in workloads.items():
+        runs = {}
+        for secure in ("none", "ckks"):
+            overrides = [*workload, f"num_clients={HE_CLIENTS}", f"num_rounds={HE_ROUNDS}", "client.local_epochs=1",
+                         f"secure={secure}"]
+            slug = "".join(c if c.isalnum() else "_" for c in name)
+            run = run_federation(overrides, out_dir=work_dir / f"he_{slug}_{secure}")
+            steady = run["results"]["rounds"][1:]
+            runs[secure] = {
+                "round_seconds": _steady(run["round_seconds"]),
+                "bytes_up_per_client": statistics.median(r["bytes_up"] / r["num_clients"] for r in steady),
+                "bytes_down_per_client": statistics.median(r["bytes_down"] / r["num_clients"] for r in steady),
+                "test_accuracy": run["results"]["final"]["test_accuracy"],
+            }
+        rows[name] = {
+            **runs,
+            "seconds_ratio": runs["ckks"]["round_seconds"] / runs["none"]["round_seconds"],
+            "bytes_up_ratio": runs["ckks"]["bytes_up_per_client"] / runs["none"]["bytes_up_per_client"],
+            "ckks_error": ckks_error(dimension),
+        }
+    return rows
+
+
 def _fmt(value: Any, digits: int = 2) -> str:
     if value is None:
         return "-"
@@ -970,6 +1059,17 @@ def table_rows(sections: dict[str, Any]) -> list[tuple[str, str, str]]:
         rows.append((f"9 secure / none, bytes up per client: {name}", _fmt(s["bytes_up_ratio"]),
                      f"target <= 2; {_fmt(secure['bytes_up_per_client'] / 1e6, 3)} MB vs "
                      f"{_fmt(s['none']['bytes_up_per_client'] / 1e6, 3)} MB; down {_fmt(s['bytes_down_ratio'])}x"))
+    for name, s in sections.get("he", {}).items():
+        if not isinstance(s, dict) or "seconds_ratio" not in s:
+            continue
+        rows.append((f"10 ckks / none, seconds per round: {name}", _fmt(s["seconds_ratio"]),
+                     f"target <= 3 (CNN); {_fmt(s['ckks']['round_seconds'])}s vs {_fmt(s['none']['round_seconds'])}s"))
+        rows.append((f"10 ckks / none, bytes up per client: {name}", _fmt(s["bytes_up_ratio"], 1),
+                     f"{_fmt(s['ckks']['bytes_up_per_client'] / 1e6)} MB vs {_fmt(s['none']['bytes_up_per_client'] / 1e6, 3)} MB"))
+        e = s["ckks_error"]
+        rows.append((f"10 CKKS error of the decrypted mean: {name}", f"{e['max_abs_error']:.1e}",
+                     f"{e['dimension']} values; encrypt {_fmt(e['encrypt_seconds'], 3)}s, add {_fmt(e['add_seconds'], 3)}s, "
+                     f"decrypt {_fmt(e['decrypt_seconds'], 3)}s per model"))
     for name, section in sections.items():
         if isinstance(section, dict) and "error" in section:
             rows.append((f"{name}: FAILED", "-", section["error"].splitlines()[0]))
@@ -1034,6 +1134,11 @@ def run_sections(
         if mnist_root is not None:
             secagg_workloads["cnn28, MNIST-8k"] = workload
         steps.append(("secagg", lambda: bench_secagg(secagg_workloads, clients=sizes.secagg_clients, work_dir=work_dir)))
+    if sizes.he:
+        he_workloads = {"mlp, digits": (workload_overrides(None), model_dimension("mlp"))}
+        if mnist_root is not None:
+            he_workloads["cnn28, MNIST-8k"] = (workload, model_dimension("cnn28"))
+        steps.append(("he", lambda: bench_he(he_workloads, work_dir=work_dir)))
     if only is not None:
         steps = [(name, step) for name, step in steps if name == only]
     for name, step in steps:
