@@ -78,9 +78,9 @@ def load_global_model(model: torch.nn.Module, record: ArrayRecord, *, context: A
 
 
 def encrypted_model(model: torch.nn.Module, *, context: Any, num_examples: float, secure: CKKS) -> ArrayRecord:
-    """``[w, w, w * model]`` encrypted, ``w = num_examples / weight_scale``."""
+    """``[w, w, w * model]`` encrypted, ``w = num_examples``."""
     flat = np.concatenate([value.detach().cpu().numpy().astype(np.float64).ravel() for value in model.state_dict().values()])
-    return encrypt_weighted(context, flat, weight=float(num_examples) / secure.weight_scale, slots=secure.slots)
+    return encrypt_weighted(context, flat, weight=float(num_examples), slots=secure.slots)
 
 
 def held_out_split(

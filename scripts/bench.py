@@ -939,7 +939,7 @@ def ckks_error(dimension: int, *, clients: int = HE_CLIENTS, seed: int = 0) -> d
     weights = [float(w) for w in rng.integers(10, 1000, clients)]
     total = EncryptedSum(public)
     start = time.perf_counter()
-    records = [encrypt_weighted(secret, m, weight=w / ckks.weight_scale, slots=ckks.slots) for m, w in zip(models, weights)]
+    records = [encrypt_weighted(secret, m, weight=w, slots=ckks.slots) for m, w in zip(models, weights)]
     encrypt_seconds = (time.perf_counter() - start) / clients
     start = time.perf_counter()
     for record in records:

@@ -82,7 +82,7 @@ def test_the_decrypted_aggregate_is_the_weighted_average_within_the_ckks_error(k
 
     # Execute
     for model, weight in zip(models, weights, strict=True):
-        total.add(encrypt_weighted(secret, model, weight=weight / 1000, slots=CKKS().slots))
+        total.add(encrypt_weighted(secret, model, weight=weight, slots=CKKS().slots))
     average = decrypt_average(secret, total.record(), length=10_000)
 
     # Assert
@@ -111,7 +111,7 @@ def _global_arrays():
 
 
 def _encrypted_reply(request: Message, secret, *, flat: np.ndarray, num_examples: float) -> Message:
-    record = encrypt_weighted(secret, flat, weight=num_examples / 1000, slots=CKKS().slots)
+    record = encrypt_weighted(secret, flat, weight=num_examples, slots=CKKS().slots)
     return Message(content=RecordDict({"arrays": record, "metrics": MetricRecord({"epsilon": 1.5, "delta": 1e-5})}), reply_to=request)
 
 

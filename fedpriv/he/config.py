@@ -45,9 +45,6 @@ class CKKS:
         ``secret-context.tenseal`` (the clients'); empty: ``he-keys`` in the
         run's output folder, made by ``scripts/run.py``. A SuperNode's node
         config ``he-key-dir`` overrides it for that node's clients.
-    weight_scale : float
-        A client's weight is ``num_examples / weight_scale``: it keeps the
-        encrypted sums well inside the range CKKS can hold.
     eval_fraction : float
         Share of each client's partition held out for federated evaluation
         (the server cannot evaluate a model it cannot read).
@@ -57,7 +54,6 @@ class CKKS:
     coeff_mod_bit_sizes: list[int] = field(default_factory=lambda: [60, 40, 40, 60])
     global_scale: float = 2.0**40
     key_dir: str = ""
-    weight_scale: float = 1000.0
     eval_fraction: float = 0.2
 
     name = "ckks"
@@ -77,7 +73,6 @@ class CKKS:
         if not math.log2(scale).is_integer():
             raise fail("secure.global_scale", self.global_scale, "must be a power of 2")
         check_text("secure.key_dir", self.key_dir)
-        check_real("secure.weight_scale", self.weight_scale, above=0.0, maximum=1e12)
         check_real("secure.eval_fraction", self.eval_fraction, above=0.0, maximum=0.5)
         self.make_context()
 
