@@ -19,8 +19,9 @@ from strategies import WeightedFedAvg
 from strategies.aggregation import weighted_average
 from strategies.he_server import EncryptedSum
 
-CKKS_ERROR = 1e-6
-"""Absolute error of a decrypted weighted mean at the default parameters (scale 2^40), values of size <= 10."""
+CKKS_ERROR = 1e-9
+"""Bound on the absolute error of a decrypted weighted mean at the default parameters (scale 2^40),
+10 clients, values of size <= 10, weights their example counts: measured at most 1.2e-11."""
 
 
 @pytest.fixture(scope="module")
