@@ -34,6 +34,7 @@ from fedpriv.protocol import (
 )
 from fedpriv.secagg import client as secagg_client
 from fedpriv.secagg import messages as secagg
+from fedpriv.secagg.encoding import DistributedDPEncoding, plan_distributed_noise
 from fedpriv.secagg.messages import RECORD as SECAGG_RECORD
 
 logger = get_logger(__name__)
@@ -326,6 +327,40 @@ def secure_stage(msg: Message, context: Context) -> Message:
         return _error_reply(msg, code=SECURE_REFUSED, reason=f"secure aggregation: {type(exc).__name__}: {exc}")
 
 
+def check_noise_floor(encoding: DistributedDPEncoding, *, experiment: Any, dimension: int) -> None:
+    """Refuse to add less noise than the run's published config implies.
+
+    The client rebuilds the run's noise plan from its own config and checks
+    the server's request: the same grid, the same clipping, and at least the
+    share each client adds when every one of ``num_clients`` is sampled.
+
+    Raises
+    ------
+    ValueError
+        Naming what the server asked for and what the config implies.
+    """
+    strategy = experiment.strategy_config
+    plan = plan_distributed_noise(
+        clipping_norm=strategy["clipping_norm"],
+        noise_multiplier=strategy["noise_multiplier"],
+        max_clients=experiment.settings.num_clients,
+        dimension=dimension,
+        modulus=experiment.secure.modulus_range,
+        dropout_tolerance=experiment.secure.dropout_tolerance,
+    )
+    floor = plan.variance_per_client(experiment.settings.num_clients)
+    if encoding.scale != plan.scale or encoding.clipping_norm != strategy["clipping_norm"]:
+        raise ValueError(
+            f"the server's grid (scale {encoding.scale:g}, clipping_norm {encoding.clipping_norm:g}) is not "
+            f"the run's (scale {plan.scale:g}, clipping_norm {strategy['clipping_norm']:g})"
+        )
+    if encoding.variance_per_client < floor * (1 - 1e-9):
+        raise ValueError(
+            f"the server asks for noise variance {encoding.variance_per_client:.6g} per client, below the "
+            f"{floor:.6g} the run's config implies"
+        )
+
+
 def _secure_setup(msg: Message, context: Context, record: ConfigRecord) -> Message:
     """Train, encode the update for the round's sum, keep it, and answer with fresh public keys."""
     for name in (SECAGG_RECORD, secagg.INPUT_RECORD):
@@ -339,7 +374,11 @@ def _secure_setup(msg: Message, context: Context, record: ConfigRecord) -> Messa
     if isinstance(trained, Message):
         return trained
     update = _flat(value.detach().cpu().numpy() for value in trained.model.state_dict().values()) - received
-    rng = np.random.default_rng(trained.seed)
+    if isinstance(encoding, DistributedDPEncoding):
+        check_noise_floor(encoding, experiment=trained.experiment, dimension=received.size)
+    # The DP noise and the rounding draw from the operating system, never from the
+    # config's seed (a plain client's training is seeded; its noise must not be).
+    rng = np.random.default_rng(trained.seed if trained.experiment.settings.seeded_noise else None)
     encoded = encoding.encode(update, num_examples=trained.outcome.num_examples, rng=rng)
     protocol, answer = secagg_client.setup(node_id=msg.metadata.dst_node_id, config=record)
     context.state[SECAGG_RECORD] = ConfigRecord(protocol)

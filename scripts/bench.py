@@ -869,6 +869,22 @@ def _plot_local_dp(rows: dict[str, Any], *, path: Path) -> None:
 # --- section 9: secure aggregation ------------------------------------------------------------
 
 SECAGG_ROUNDS = 4
+
+
+def _slug(name: str) -> str:
+    return "".join(c if c.isalnum() else "_" for c in name)
+
+
+def federation_round_costs(overrides: list[str], *, out_dir: Path) -> dict[str, float]:
+    """One federation's steady seconds per round, bytes per client per round (rounds 2..) and final accuracy."""
+    run = run_federation(overrides, out_dir=out_dir)
+    steady = run["results"]["rounds"][1:]
+    return {
+        "round_seconds": _steady(run["round_seconds"]),
+        "bytes_up_per_client": statistics.median(r["bytes_up"] / r["num_clients"] for r in steady),
+        "bytes_down_per_client": statistics.median(r["bytes_down"] / r["num_clients"] for r in steady),
+        "test_accuracy": run["results"]["final"]["test_accuracy"],
+    }
 SECAGG_SPARSE_SHARES = 11
 """SecAgg+ neighbours of the sparse variant, run where there are more clients than that."""
 
@@ -891,15 +907,7 @@ def bench_secagg(workloads: dict[str, list[str]], *, clients: tuple[int, ...], w
             for variant, extra in variants.items():
                 overrides = [*workload, f"num_clients={num_clients}", f"num_rounds={SECAGG_ROUNDS}",
                              "client.local_epochs=1", *extra]
-                slug = "".join(c if c.isalnum() else "_" for c in name)
-                run = run_federation(overrides, out_dir=work_dir / f"secagg_{slug}_{num_clients}_{variant}")
-                steady = run["results"]["rounds"][1:]
-                runs[variant] = {
-                    "round_seconds": _steady(run["round_seconds"]),
-                    "bytes_up_per_client": statistics.median(r["bytes_up"] / r["num_clients"] for r in steady),
-                    "bytes_down_per_client": statistics.median(r["bytes_down"] / r["num_clients"] for r in steady),
-                    "test_accuracy": run["results"]["final"]["test_accuracy"],
-                }
+                runs[variant] = federation_round_costs(overrides, out_dir=work_dir / f"secagg_{_slug(name)}_{num_clients}_{variant}")
             plain = runs.pop("none")
             for variant, measured in runs.items():
                 rows[f"{name}, {num_clients} clients, {variant}"] = {
@@ -970,15 +978,7 @@ def bench_he(workloads: dict[str, tuple[list[str], int]], *, work_dir: Path) -> 
         for secure in ("none", "ckks"):
             overrides = [*workload, f"num_clients={HE_CLIENTS}", f"num_rounds={HE_ROUNDS}", "client.local_epochs=1",
                          f"secure={secure}"]
-            slug = "".join(c if c.isalnum() else "_" for c in name)
-            run = run_federation(overrides, out_dir=work_dir / f"he_{slug}_{secure}")
-            steady = run["results"]["rounds"][1:]
-            runs[secure] = {
-                "round_seconds": _steady(run["round_seconds"]),
-                "bytes_up_per_client": statistics.median(r["bytes_up"] / r["num_clients"] for r in steady),
-                "bytes_down_per_client": statistics.median(r["bytes_down"] / r["num_clients"] for r in steady),
-                "test_accuracy": run["results"]["final"]["test_accuracy"],
-            }
+            runs[secure] = federation_round_costs(overrides, out_dir=work_dir / f"he_{_slug(name)}_{secure}")
         rows[name] = {
             **runs,
             "seconds_ratio": runs["ckks"]["round_seconds"] / runs["none"]["round_seconds"],

@@ -228,3 +228,43 @@ def test_a_secure_runs_client_answers_every_secagg_stage_and_never_sends_its_mod
     ledger = (tmp_path / "client-state" / "L" / "partition-0.json").read_text()
     assert STATE_KEY in ledger and m.RECORD not in ledger
     assert m.RECORD not in contexts[1].state.config_records
+
+
+def _dp_setup_message(overrides, *, variance_factor: float = 1.0):
+    from fedpriv.secagg import messages as m
+    from fedpriv.secagg.config import SecAggPlus
+    from fedpriv.secagg.encoding import DistributedDPEncoding, plan_distributed_noise
+    from strategies.secagg_server import SecAggPlusRound
+
+    sent = request(overrides)
+    dimension = sum(array.numpy().size for array in sent.content["arrays"].values())
+    plan = plan_distributed_noise(
+        clipping_norm=1.0, noise_multiplier=1.0, max_clients=3, dimension=dimension, modulus=2**32, dropout_tolerance=0.2
+    )
+    encoding = DistributedDPEncoding(
+        clipping_norm=1.0, weighted=True, weight_cap=100.0, scale=plan.scale,
+        variance_per_client=plan.variance_per_client(3) * variance_factor,
+    )
+    round_ = SecAggPlusRound(config=SecAggPlus(), node_ids=[1, 2, 3], server_round=1, length=encoding.length(dimension))
+    record = ConfigRecord({**round_.setup_record(), **m.encoding_to_record(encoding)})
+    return Message(content=RecordDict({**dict(sent.content), m.RECORD: record}), message_type=MessageType.TRAIN, dst_node_id=1)
+
+
+def test_a_secure_dp_client_draws_fresh_noise_and_refuses_less_than_the_config_implies():
+    # Prepare: a plain client (its training is seeded from the config) in a secure DP run
+    from fedpriv.secagg import messages as m
+
+    overrides = ["num_clients=3", "secure=secagg", "strategy=dp_fixed", "strategy.noise_multiplier=1.0",
+                 "strategy.clipping_norm=1.0", "client.local_epochs=1"]
+    contexts = [context_for(overrides) for _ in range(3)]
+
+    # Execute: the same round twice, then a server asking for a tenth of the noise
+    first = client_app.train(_dp_setup_message(overrides), contexts[0])
+    second = client_app.train(_dp_setup_message(overrides), contexts[1])
+    cheap = client_app.train(_dp_setup_message(overrides, variance_factor=0.1), contexts[2])
+
+    # Assert: identical training, different noise: nobody can replay it from the config
+    inputs = [c.state.array_records[m.INPUT_RECORD]["input"].numpy() for c in contexts[:2]]
+    assert not first.has_error() and not second.has_error()
+    assert not np.array_equal(inputs[0], inputs[1])
+    assert cheap.has_error() and "below the" in cheap.error.reason

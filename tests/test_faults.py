@@ -19,6 +19,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -130,6 +131,34 @@ def rounds_recorded(path: Path) -> list[dict]:
         return []
 
 
+def run_and_kill_supernode(
+    tmp_path: Path, fed, *, overrides: list[str], kill_when: Callable[[], bool], what: str, victim: int = 2
+) -> tuple[subprocess.Popen, list[int], str]:
+    """Run ``scripts/run.py`` on ``fed``; once ``kill_when()`` holds, kill SuperNode ``victim`` and its tree.
+
+    Returns the finished run, the killed PIDs and the run's output.
+    """
+    with open(tmp_path / "run.log", "wb") as log:
+        run = subprocess.Popen(
+            [sys.executable, str(REPO / "scripts" / "run.py"), *fed.mode_overrides(), *overrides],
+            stdout=log, stderr=subprocess.STDOUT, cwd=tmp_path, start_new_session=True,
+            env={**os.environ, "FLWR_TELEMETRY_ENABLED": "0"},
+        )
+    try:
+        deadline = time.monotonic() + 300
+        while not kill_when():
+            assert run.poll() is None and time.monotonic() < deadline, f"{what} never came"
+            time.sleep(0.1)
+        victim_tree = kill_tree(fed.supernode_pids[victim])
+        federation._reap(fed.supernode_pids[victim])
+        run.wait(timeout=300)
+    finally:
+        if run.poll() is None:
+            os.killpg(run.pid, signal.SIGKILL)
+            run.wait()
+    return run, victim_tree, (tmp_path / "run.log").read_text(errors="replace")
+
+
 @pytest.mark.slow
 def test_a_supernode_killed_mid_run_the_run_completes_with_the_other_two(tmp_path):
     # Prepare
@@ -137,29 +166,15 @@ def test_a_supernode_killed_mid_run_the_run_completes_with_the_other_two(tmp_pat
     fed = federation.start_federation(directory, 3)
     started = fed.pids
     out = tmp_path / "run"
-    victim_tree: list[int] = []
     try:
-        with open(tmp_path / "run.log", "wb") as log:
-            run = subprocess.Popen(
-                [sys.executable, str(REPO / "scripts" / "run.py"), f"output_dir={out}", *fed.mode_overrides(),
-                 "num_clients=3", "num_rounds=3", "client.local_epochs=1", "round_timeout=120"],
-                stdout=log, stderr=subprocess.STDOUT, cwd=tmp_path, start_new_session=True,
-                env={**os.environ, "FLWR_TELEMETRY_ENABLED": "0"},
-            )
-        try:
-            # Execute: kill SuperNode 2 (and its SuperExec / ClientApp) once round 1 is recorded
-            deadline = time.monotonic() + 240
-            while len(rounds_recorded(out / "results.json")) < 1:
-                assert run.poll() is None and time.monotonic() < deadline, "round 1 never came"
-                time.sleep(0.25)
-            victim_tree = kill_tree(fed.supernode_pids[2])
-            federation._reap(fed.supernode_pids[2])
-            run.wait(timeout=300)
-        finally:
-            if run.poll() is None:
-                os.killpg(run.pid, signal.SIGKILL)
-                run.wait()
-        output = (tmp_path / "run.log").read_text(errors="replace")
+        # Execute: kill SuperNode 2 (and its SuperExec / ClientApp) once round 1 is recorded
+        run, victim_tree, output = run_and_kill_supernode(
+            tmp_path,
+            fed,
+            overrides=[f"output_dir={out}", "num_clients=3", "num_rounds=3", "client.local_epochs=1", "round_timeout=120"],
+            kill_when=lambda: len(rounds_recorded(out / "results.json")) >= 1,
+            what="round 1",
+        )
 
         # Assert: completed, 3 clients before, 2 after, the loss recorded
         assert run.returncode == 0, output[-4000:]
@@ -189,30 +204,16 @@ def test_a_supernode_killed_mid_secagg_round_over_tls_the_sum_of_the_other_two_i
     fed = federation.start_federation(directory, 3, tls=True)
     started = fed.pids
     out = tmp_path / "run"
-    victim_tree: list[int] = []
     try:
-        with open(tmp_path / "run.log", "wb") as log:
-            run = subprocess.Popen(
-                [sys.executable, str(REPO / "scripts" / "run.py"), f"output_dir={out}", *fed.mode_overrides(),
-                 "num_clients=3", "num_rounds=1", "client.local_epochs=1", "round_timeout=120",
-                 "secure=secagg", "secure.reconstruction_threshold=2", "secure.timeout=20"],
-                stdout=log, stderr=subprocess.STDOUT, cwd=tmp_path, start_new_session=True,
-                env={**os.environ, "FLWR_TELEMETRY_ENABLED": "0"},
-            )
-        try:
-            # Execute: kill SuperNode 2 once the round has its keys and starts sharing them
-            deadline = time.monotonic() + 300
-            while "round 1: SecAgg+ share-keys" not in (tmp_path / "run.log").read_text(errors="replace"):
-                assert run.poll() is None and time.monotonic() < deadline, "the round never started sharing keys"
-                time.sleep(0.1)
-            victim_tree = kill_tree(fed.supernode_pids[2])
-            federation._reap(fed.supernode_pids[2])
-            run.wait(timeout=300)
-        finally:
-            if run.poll() is None:
-                os.killpg(run.pid, signal.SIGKILL)
-                run.wait()
-        output = (tmp_path / "run.log").read_text(errors="replace")
+        # Execute: kill SuperNode 2 once the round has its keys and starts sharing them
+        run, victim_tree, output = run_and_kill_supernode(
+            tmp_path,
+            fed,
+            overrides=[f"output_dir={out}", "num_clients=3", "num_rounds=1", "client.local_epochs=1", "round_timeout=120",
+                       "secure=secagg", "secure.reconstruction_threshold=2", "secure.timeout=20"],
+            kill_when=lambda: "round 1: SecAgg+ share-keys" in (tmp_path / "run.log").read_text(errors="replace"),
+            what="the round's key sharing",
+        )
 
         # Assert: the round released the sum of the two survivors only
         assert run.returncode == 0, output[-4000:]

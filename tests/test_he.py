@@ -229,6 +229,7 @@ def test_secure_ckks_with_server_side_dp_is_refused_in_one_line_with_exit_2(tmp_
     assert not (tmp_path / "run" / "he-keys").exists()
 
 
+@pytest.mark.slow
 def test_a_ckks_simulation_keeps_the_model_encrypted_and_a_key_holder_decrypts_it(tmp_path):
     # Prepare
     out = tmp_path / "run"

@@ -310,6 +310,7 @@ def test_a_resumed_private_run_keeps_every_round_and_every_epsilon(tmp_path):
     assert not any(ledger.exists() for ledger in ledgers)
 
 
+@pytest.mark.slow
 def test_a_secure_private_run_sums_noisy_client_updates_and_resumes_with_its_skellam_ledger(tmp_path):
     # Prepare: SecAgg+ with distributed DP on top of record-level DP, every client every round
     from fedpriv.privacy.skellam import skellam_epsilon

@@ -35,17 +35,25 @@ from strategies.secagg_server import SecAggPlusRound, ring_neighbours
 MODULUS = 2**32
 
 
-def _protocol(inputs, *, drop=None, config=None):
+def _set_up(inputs, *, drop=None, config=None, server_round=7):
+    """The in-memory clients, the server's round and the public keys of the clients that answered the setup."""
     grid = SecAggGrid(inputs, drop=drop)
-    round_ = SecAggPlusRound(config=config or SecAggPlus(), node_ids=inputs, server_round=7, length=len(next(iter(inputs.values()))))
+    round_ = SecAggPlusRound(
+        config=config or SecAggPlus(), node_ids=inputs, server_round=server_round, length=len(next(iter(inputs.values())))
+    )
     record = ConfigRecord(round_.setup_record())
-    setup = {}
+    keys = {}
     for node in inputs:
         if node in (drop or {}).get(m.SETUP, set()):
             continue
         answer = grid.answer(node, m.SETUP, record)[m.RECORD]
-        setup[node] = (answer[m.PUBLIC_KEY_1], answer[m.PUBLIC_KEY_2])
-    return round_.finish(grid.exchange, public_keys=setup)
+        keys[node] = (answer[m.PUBLIC_KEY_1], answer[m.PUBLIC_KEY_2])
+    return grid, round_, keys
+
+
+def _protocol(inputs, *, drop=None, config=None):
+    grid, round_, keys = _set_up(inputs, drop=drop, config=config)
+    return round_.finish(grid.exchange, public_keys=keys)
 
 
 def _inputs(num_nodes, length, seed=0):
@@ -106,13 +114,7 @@ def test_a_masked_vector_alone_is_indistinguishable_from_uniform_while_the_sum_i
     # Prepare: a structured input (a sparse, small update) that is nothing like uniform.
     inputs = {node: np.zeros(20_000, dtype=np.int64) for node in range(1, 6)}
     inputs[3][::7] = 12345
-    grid = SecAggGrid(inputs)
-    round_ = SecAggPlusRound(config=SecAggPlus(), node_ids=inputs, server_round=1, length=20_000)
-    record = ConfigRecord(round_.setup_record())
-    keys = {}
-    for node in inputs:
-        answer = grid.answer(node, m.SETUP, record)[m.RECORD]
-        keys[node] = (answer[m.PUBLIC_KEY_1], answer[m.PUBLIC_KEY_2])
+    grid, round_, keys = _set_up(inputs)
     seen = []
     exchange = grid.exchange
 
@@ -208,14 +210,7 @@ def test_sparse_neighbourhoods_recover_dropped_clients_from_their_neighbours():
 
 
 def _stage_state(num_nodes=4):
-    inputs = _inputs(num_nodes, 10)
-    grid = SecAggGrid(inputs)
-    round_ = SecAggPlusRound(config=SecAggPlus(), node_ids=inputs, server_round=2, length=10)
-    record = ConfigRecord(round_.setup_record())
-    keys = {}
-    for node in inputs:
-        answer = grid.answer(node, m.SETUP, record)[m.RECORD]
-        keys[node] = (answer[m.PUBLIC_KEY_1], answer[m.PUBLIC_KEY_2])
+    grid, _, keys = _set_up(_inputs(num_nodes, 10), server_round=2)
     return grid, keys
 
 
