@@ -29,6 +29,7 @@ MAX_ROUNDS = 10**6
 OPTIONAL_GROUPS = {
     "audit": {"_target_": "fedpriv.audit.NoAudit"},
     "secure": {"_target_": "fedpriv.secagg.NoSecureAggregation"},
+    "compression": {"_target_": "fedpriv.compression.NoCompression"},
 }
 
 
@@ -111,7 +112,10 @@ class Experiment:
     audit : Any
         The privacy audit (:mod:`fedpriv.audit`): ``NoAudit`` or ``CanaryAudit``.
     secure : Any
-        Secure aggregation (:mod:`fedpriv.secagg`): ``NoSecureAggregation`` or ``SecAggPlus``.
+        Secure aggregation (:mod:`fedpriv.secagg`, :mod:`fedpriv.he`): ``NoSecureAggregation``,
+        ``SecAggPlus`` or ``CKKS``.
+    compression : Any
+        What clients send (:mod:`fedpriv.compression`): ``NoCompression``, ``Quantize`` or ``TopK``.
     config : Mapping[str, Any]
         The whole nested config, as recorded in ``results.json``.
     """
@@ -124,6 +128,7 @@ class Experiment:
     strategy_config: Mapping[str, Any]
     audit: Any
     secure: Any
+    compression: Any
     config: Mapping[str, Any]
 
     def build_model(self) -> nn.Module:
@@ -163,6 +168,7 @@ def load_experiment(config: Mapping[str, Any]) -> Experiment:
         strategy_config=config["strategy"],
         audit=build_component(config.get("audit", OPTIONAL_GROUPS["audit"]), key="audit"),
         secure=build_component(config.get("secure", OPTIONAL_GROUPS["secure"]), key="secure"),
+        compression=build_component(config.get("compression", OPTIONAL_GROUPS["compression"]), key="compression"),
         config=config,
     )
     try:
@@ -199,6 +205,11 @@ def _check_secure(experiment: Experiment) -> None:
     secure = experiment.secure
     if not secure.enabled:
         return
+    if experiment.compression.enabled:
+        raise ConfigError(
+            f"compression={experiment.compression.name}: secure={secure.name} encodes updates itself "
+            "(SecAgg+ quantizes them, CKKS encrypts them); use compression=none with it"
+        )
     if secure.name == "ckks":
         if experiment.settings.resume:
             raise ConfigError(f"resume={experiment.settings.resume!r}: a secure=ckks run cannot be resumed")
@@ -292,11 +303,13 @@ def build_run_components(experiment: Experiment, *, mode_config: Mapping[str, An
     """
     strategy = build_component(experiment.strategy_config, key="strategy", **experiment.audit.strategy_kwargs())
     model = experiment.build_model()
-    if experiment.secure.enabled:
-        try:
+    try:
+        if experiment.secure.enabled:
             enable_secure_aggregation(strategy, experiment.secure, model=model)
-        except ValueError as exc:
-            raise ConfigError(str(exc)) from exc
+        if experiment.compression.enabled:
+            strategy.enable_compression(experiment.compression)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from exc
     return build_component(mode_config, key="mode")
 
 

@@ -67,7 +67,9 @@ from clients.plain import PlainTraining  # noqa: E402
 from fedpriv.models import CNN28, MLP  # noqa: E402
 
 FLOWER_APPS = ("+mode.server_app=bench_apps:server_app", "+mode.client_app=bench_apps:client_app")
-SECTIONS = ("overhead", "dp_step", "accounting", "flower", "scale", "memory", "utility", "local_dp", "secagg", "he")
+SECTIONS = (
+    "overhead", "dp_step", "accounting", "flower", "scale", "memory", "utility", "local_dp", "secagg", "he", "compression"
+)
 SAMPLED_PER_ROUND = 10
 
 
@@ -102,6 +104,8 @@ class Sizes:
         Federation sizes of section 9 (empty: skip it).
     he : bool
         Run section 10 (needs TenSEAL).
+    compression_rounds : int
+        Rounds of each run of section 11 (0: skip it).
     """
 
     clients: int
@@ -117,6 +121,7 @@ class Sizes:
     local_dp_repeats: int
     secagg_clients: tuple[int, ...]
     he: bool
+    compression_rounds: int
 
 
 SIZES = {
@@ -134,6 +139,7 @@ SIZES = {
         local_dp_repeats=0,
         secagg_clients=(),
         he=False,
+        compression_rounds=0,
     ),
     "quick": Sizes(
         clients=10,
@@ -149,6 +155,7 @@ SIZES = {
         local_dp_repeats=1,
         secagg_clients=(10,),
         he=True,
+        compression_rounds=5,
     ),
     "full": Sizes(
         clients=10,
@@ -164,6 +171,7 @@ SIZES = {
         local_dp_repeats=2,
         secagg_clients=(10, 50),
         he=True,
+        compression_rounds=20,
     ),
 }
 
@@ -863,6 +871,62 @@ def _plot_local_dp(rows: dict[str, Any], *, path: Path) -> None:
     plt.close(fig)
 
 
+# --- section 11: compression -------------------------------------------------------------------
+
+COMPRESSION_RUNS = {
+    "none": ["compression=none"],
+    "quantize 8 bits": ["compression=quantize", "compression.bits=8"],
+    "quantize 4 bits": ["compression=quantize", "compression.bits=4"],
+    "quantize 2 bits": ["compression=quantize", "compression.bits=2"],
+    "topk 10%": ["compression=topk", "compression.fraction=0.1"],
+    "topk 1%": ["compression=topk", "compression.fraction=0.01"],
+}
+COMPRESSION_CLIENTS = 10
+
+
+def bench_compression(workload: list[str], *, rounds: int, work_dir: Path, plot_path: Path) -> dict[str, Any]:
+    """Section 11: test accuracy against total bytes sent up, per compression setting."""
+    rows = {}
+    for name, extra in COMPRESSION_RUNS.items():
+        overrides = [*workload, f"num_clients={COMPRESSION_CLIENTS}", f"num_rounds={rounds}", *extra]
+        run = run_federation(overrides, out_dir=work_dir / f"compression_{_slug(name)}")
+        final = run["results"]["final"]
+        rows[name] = {
+            "overrides": extra,
+            "test_accuracy": final["test_accuracy"],
+            "bytes_up_total": final["bytes_up_total"],
+            "bytes_down_total": final["bytes_down_total"],
+            "wall_seconds": run["wall_seconds"],
+        }
+    plain = rows["none"]
+    for row in rows.values():
+        row["bytes_up_ratio"] = row["bytes_up_total"] / plain["bytes_up_total"]
+        row["accuracy_points_lost"] = 100 * (plain["test_accuracy"] - row["test_accuracy"])
+    _plot_compression(rows, path=plot_path, rounds=rounds)
+    return {"rounds": rounds, "runs": rows, "plot": str(plot_path)}
+
+
+def _plot_compression(rows: dict[str, Any], *, path: Path, rounds: int) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for name, row in rows.items():
+        ax.plot(row["bytes_up_total"] / 1e6, row["test_accuracy"], "o")
+        ax.annotate(name, (row["bytes_up_total"] / 1e6, row["test_accuracy"]), fontsize=8, xytext=(4, 4),
+                    textcoords="offset points")
+    ax.set_xscale("log")
+    ax.set_xlabel(f"megabytes sent by clients over {rounds} rounds")
+    ax.set_ylabel("test accuracy")
+    ax.set_title(f"compression: accuracy against bytes up, {COMPRESSION_CLIENTS} clients")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 # --- the report ---------------------------------------------------------------------------
 
 
@@ -1070,6 +1134,9 @@ def table_rows(sections: dict[str, Any]) -> list[tuple[str, str, str]]:
         rows.append((f"10 CKKS error of the decrypted mean: {name}", f"{e['max_abs_error']:.1e}",
                      f"{e['dimension']} values; encrypt {_fmt(e['encrypt_seconds'], 3)}s, add {_fmt(e['add_seconds'], 3)}s, "
                      f"decrypt {_fmt(e['decrypt_seconds'], 3)}s per model"))
+    for name, r in sections.get("compression", {}).get("runs", {}).items():
+        rows.append((f"11 compression {name}: test accuracy, bytes up / none", f"{_fmt(r['test_accuracy'], 3)}, {_fmt(r['bytes_up_ratio'], 3)}",
+                     f"goal for 8 bits: within 0.5 points at <= 0.25; {_fmt(r['bytes_up_total'] / 1e6, 1)} MB up"))
     for name, section in sections.items():
         if isinstance(section, dict) and "error" in section:
             rows.append((f"{name}: FAILED", "-", section["error"].splitlines()[0]))
@@ -1139,6 +1206,11 @@ def run_sections(
         if mnist_root is not None:
             he_workloads["cnn28, MNIST-8k"] = (workload, model_dimension("cnn28"))
         steps.append(("he", lambda: bench_he(he_workloads, work_dir=work_dir)))
+    if sizes.compression_rounds:
+        steps.append(("compression", lambda: bench_compression(
+            workload, rounds=sizes.compression_rounds, work_dir=work_dir,
+            plot_path=plot_path.with_name(plot_path.name.replace("_local_dp", "_compression")),
+        )))
     if only is not None:
         steps = [(name, step) for name, step in steps if name == only]
     for name, step in steps:

@@ -15,11 +15,13 @@ import math
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from io import BytesIO
+from typing import Any
 
 import numpy as np
 from flwr.app import Array, ArrayRecord, Message
 from flwr.common.constant import SType
 
+from fedpriv.compression import CompressionError, check_names
 from fedpriv.protocol import DECLINE_REASON_KEY, DECLINED_KEY, WEIGHT_KEY
 
 ArraySpec = dict[str, tuple[tuple[int, ...], np.dtype]]
@@ -181,6 +183,38 @@ def parse_train_reply(msg: Message, *, spec: ArraySpec) -> TrainReply:
         if not np.all(np.isfinite(value)):
             raise RejectedReply(f"node {node_id}: array '{name}' has non-finite values")
         arrays.append(value)
+    weight, metrics = _parse_metrics(msg, node_id=node_id)
+    return TrainReply(node_id=node_id, arrays=arrays, num_examples=weight, metrics=metrics)
+
+
+def parse_compressed_reply(
+    msg: Message, *, spec: ArraySpec, global_arrays: list[np.ndarray], compression: Any
+) -> TrainReply:
+    """Decode a compressed training reply into the client's model: the global model plus its update.
+
+    Raises
+    ------
+    RejectedReply
+        For an error reply, a payload that does not decode into the spec's
+        arrays (:class:`fedpriv.compression.CompressionError`), a non-finite
+        model, or an unusable ``num-examples`` or metric.
+    """
+    node_id = _check_error(msg)
+    records = list(msg.content.array_records.values())
+    if len(records) != 1:
+        raise RejectedReply(f"node {node_id}: expected one ArrayRecord, got {len(records)}")
+    record = records[0]
+    try:
+        check_names(compression, set(record), list(spec))
+        payload = {name: record[name].numpy() for name in record}
+        arrays = []
+        for (name, (shape, dtype)), base in zip(spec.items(), global_arrays, strict=True):
+            update = compression.decode(name, payload, shape=shape)
+            arrays.append((base + update).astype(dtype))
+    except (CompressionError, ValueError, TypeError) as exc:
+        raise RejectedReply(f"node {node_id}: {exc}") from exc
+    if not all(np.all(np.isfinite(value)) for value in arrays):
+        raise RejectedReply(f"node {node_id}: the decoded model has non-finite values")
     weight, metrics = _parse_metrics(msg, node_id=node_id)
     return TrainReply(node_id=node_id, arrays=arrays, num_examples=weight, metrics=metrics)
 

@@ -153,6 +153,8 @@ def run_experiment(grid: Grid, experiment: Experiment, *, default_output_dir: Pa
     model = experiment.build_model()
     if experiment.secure.enabled:
         enable_secure_aggregation(strategy, experiment.secure, model=model, public_context=_public_context(experiment))
+    if experiment.compression.enabled:
+        strategy.enable_compression(experiment.compression)
     privacy = privacy_section(experiment, strategy)
     if privacy["guarantee_void"]:
         logger.warning("DP noise or sampling is seeded from the config: this run's privacy guarantee is VOID")

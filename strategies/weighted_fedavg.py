@@ -22,6 +22,7 @@ from strategies.aggregation import (
     TrainReply,
     apply_server_lr,
     array_spec,
+    parse_compressed_reply,
     parse_decline,
     parse_metrics_reply,
     parse_train_reply,
@@ -201,6 +202,7 @@ class WeightedFedAvg(Strategy):
         self._encoding: Any = None  # how this round's clients encode their update
         self._grid: Grid | None = None
         self._secure_stats: dict[str, float] = {}
+        self.compression = None  # a fedpriv.compression.Quantize or TopK: replies carry a compressed update
         self.he = None  # a fedpriv.he.CKKS once the model is kept encrypted
         self.he_context: Any = None  # its public TenSEAL context (never a secret key)
         self._he_chunks = 0
@@ -227,6 +229,21 @@ class WeightedFedAvg(Strategy):
                 "(adaptive clipping counts clipped updates); use strategy=dp_fixed"
             )
         self.secure = secure
+
+    def enable_compression(self, compression) -> None:
+        """Decode every training reply with ``compression`` (a :class:`fedpriv.compression.Quantize` or ``TopK``).
+
+        Raises
+        ------
+        ValueError
+            With secure aggregation or homomorphic encryption on: they encode updates themselves.
+        """
+        if self.secure is not None or self.he is not None:
+            raise ValueError(
+                f"compression={compression.name}: secure aggregation and encryption encode updates themselves; "
+                "use compression=none with them"
+            )
+        self.compression = compression
 
     supports_homomorphic_encryption = True
     """Whether :meth:`enable_homomorphic_encryption` may be called."""
@@ -438,7 +455,13 @@ class WeightedFedAvg(Strategy):
         for msg in replies:
             try:
                 decline = parse_decline(msg)
-                if decline is None:
+                if decline is None and self.compression is not None:
+                    valid.append(
+                        parse_compressed_reply(
+                            msg, spec=self._spec, global_arrays=self._global, compression=self.compression
+                        )
+                    )
+                elif decline is None:
                     valid.append(parse_train_reply(msg, spec=self._spec))
                 else:
                     declined.append(decline)
