@@ -19,7 +19,7 @@ from flwr.clientapp import ClientApp
 from clients import he_client
 from clients.node_state import node_state_path, restore_node_state, save_node_state
 from clients.privacy_state import STATE_KEY, PrivacyBudgetExhausted
-from fedpriv.compression import RESIDUAL_RECORD
+from fedpriv.compression import PAYLOAD, RESIDUAL_RECORD
 from fedpriv.experiment import client_examples, experiment_from_run_config
 from fedpriv.logs import get_logger
 from fedpriv.metrics import dataset_metrics
@@ -270,29 +270,24 @@ def train(msg: Message, context: Context) -> Message:
 
 
 def compressed_update(msg: Message, trained: TrainedRound, *, state: RecordDict) -> ArrayRecord:
-    """The update (trained minus received model), compressed array by array.
+    """The update (trained minus received model, one flat vector), compressed.
 
     Top-k adds the residual it left out last time (kept in ``state``) and
     keeps what it leaves out now. Compressing a privatized update is
     post-processing: it costs no epsilon.
     """
     compression = trained.experiment.compression
-    received = {name: array.numpy() for name, array in msg.content["arrays"].items()}
-    residual = state.array_records.get(RESIDUAL_RECORD)
-    # Quantization's rounding uses the training seed: fresh OS entropy for a private client.
-    rng = np.random.default_rng(trained.seed)
-    payload, left_out = {}, {}
-    for name, value in trained.model.state_dict().items():
-        update = value.detach().cpu().numpy().astype(np.float64) - received[name]
-        if compression.name == "topk":
-            if residual is not None and name in residual:
-                update = update + residual[name].numpy()
-            arrays, left_out[name] = compression.encode(name, update)
-        else:
-            arrays = compression.encode(name, update, rng=rng)
-        payload.update(arrays)
-    if left_out:
-        state[RESIDUAL_RECORD] = ArrayRecord({name: Array(value) for name, value in left_out.items()})
+    received = _flat(array.numpy() for array in msg.content["arrays"].values())
+    update = _flat(value.detach().cpu().numpy() for value in trained.model.state_dict().values()) - received
+    if compression.name == "topk":
+        residual = state.array_records.get(RESIDUAL_RECORD)
+        if residual is not None and residual[PAYLOAD].numpy().shape == update.shape:
+            update = update + residual[PAYLOAD].numpy()
+        payload, left_out = compression.encode(PAYLOAD, update)
+        state[RESIDUAL_RECORD] = ArrayRecord({PAYLOAD: Array(left_out)})
+    else:
+        # Quantization's rounding uses the training seed: fresh OS entropy for a private client.
+        payload = compression.encode(PAYLOAD, update, rng=np.random.default_rng(trained.seed))
     return ArrayRecord({name: Array(value) for name, value in payload.items()})
 
 

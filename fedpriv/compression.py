@@ -1,17 +1,18 @@
 """The ``compression`` config group: what a client sends instead of its whole model.
 
 A client compresses its update (its trained model minus the model it
-received), array by array; the server decodes it back into a dense update
-before it validates and aggregates, so everything downstream (clipping,
-weighting, DP) sees an ordinary update. The encode and decode functions are
-pure and tested on their own:
+received) as one flat vector, in the model's array order, into two arrays
+(one payload of few arrays: Flower adds a header to every array); the server
+decodes it back into a dense update before it validates and aggregates, so
+everything downstream (clipping, weighting, DP) sees an ordinary update. The
+encode and decode functions are pure and tested on their own:
 
 * :class:`Quantize` (Suresh et al. 2017, QSGD): each block of ``block_size``
   values is scaled by its largest magnitude and rounded stochastically to
   one of ``2**bits`` levels spanning ``[-scale, scale]``: unbiased, ``bits``
   bits per value plus one float32 scale per block.
 * :class:`TopK` (Stich et al. 2018): the ``fraction`` largest-magnitude
-  entries of each array, as int32 indices and float32 values; what was left
+  entries of the update, as int32 indices and float32 values; what was left
   out is kept in the client's state and added to its next update (error
   feedback).
 
@@ -30,7 +31,10 @@ import numpy as np
 from fedpriv.checks import check_choice, check_int, check_real, fail
 
 QUANTIZE_BITS = (1, 2, 4, 8)
+PAYLOAD = "update"
+"""Prefix of the payload's array names: ``update#codes``, ``update#scale``, ``update#index``, ``update#value``."""
 SCALE_SUFFIX = "#scale"
+CODES_SUFFIX = "#codes"
 INDEX_SUFFIX = "#index"
 VALUE_SUFFIX = "#value"
 RESIDUAL_RECORD = "fedpriv.compression.residual"
@@ -109,7 +113,10 @@ class Quantize:
         position = (padded / safe + 1.0) / 2.0 * self.levels
         floor = np.floor(position)
         codes = np.clip(floor + (rng.random(position.shape) < position - floor), 0, self.levels)
-        return {name: _pack(codes.astype(np.uint8).ravel()[: flat.size], self.bits), f"{name}{SCALE_SUFFIX}": scales}
+        return {
+            f"{name}{CODES_SUFFIX}": _pack(codes.astype(np.uint8).ravel()[: flat.size], self.bits),
+            f"{name}{SCALE_SUFFIX}": scales,
+        }
 
     def decode(self, name: str, payload: Mapping[str, np.ndarray], *, shape: tuple[int, ...]) -> np.ndarray:
         """The dense update of one array.
@@ -122,9 +129,8 @@ class Quantize:
         """
         size = math.prod(shape)
         blocks = -(-size // self.block_size)
-        codes, scales = _payload(payload, name, np.uint8, -(-size * self.bits // 8)), _payload(
-            payload, f"{name}{SCALE_SUFFIX}", np.float32, blocks
-        )
+        codes = _payload(payload, f"{name}{CODES_SUFFIX}", np.uint8, -(-size * self.bits // 8))
+        scales = _payload(payload, f"{name}{SCALE_SUFFIX}", np.float32, blocks)
         if not np.all(np.isfinite(scales)) or np.any(scales < 0):
             raise CompressionError(f"array '{name}': scales must be finite and >= 0")
         values = _unpack(codes, self.bits, size).astype(np.float64) / self.levels * 2.0 - 1.0
@@ -132,8 +138,8 @@ class Quantize:
         return (values * per_value).reshape(shape)
 
     def expected_names(self, name: str) -> tuple[str, ...]:
-        """The arrays one model array becomes."""
-        return (name, f"{name}{SCALE_SUFFIX}")
+        """The arrays an update becomes."""
+        return (f"{name}{CODES_SUFFIX}", f"{name}{SCALE_SUFFIX}")
 
 
 @dataclass(frozen=True)
@@ -143,7 +149,7 @@ class TopK:
     Parameters
     ----------
     fraction : float
-        Share of each array's entries sent (at least one).
+        Share of the update's entries sent (at least one).
     """
 
     fraction: float = 0.1
@@ -191,7 +197,7 @@ class TopK:
         return dense.reshape(shape)
 
     def expected_names(self, name: str) -> tuple[str, ...]:
-        """The arrays one model array becomes."""
+        """The arrays an update becomes."""
         return (f"{name}{INDEX_SUFFIX}", f"{name}{VALUE_SUFFIX}")
 
 
@@ -206,15 +212,15 @@ def _payload(payload: Mapping[str, np.ndarray], key: str, dtype: type, size: int
     return value
 
 
-def check_names(compression: Quantize | TopK, payload_names: set[str], model_names: list[str]) -> None:
-    """Refuse a payload with arrays the model's names do not account for.
+def check_names(compression: Quantize | TopK, payload_names: set[str]) -> None:
+    """Refuse a payload with other arrays than the compression's two.
 
     Raises
     ------
     CompressionError
-        Naming the first unexpected or missing array.
+        Naming the unexpected or missing arrays.
     """
-    expected = {key for name in model_names for key in compression.expected_names(name)}
+    expected = set(compression.expected_names(PAYLOAD))
     extra, missing = sorted(payload_names - expected), sorted(expected - payload_names)
     if extra or missing:
         raise CompressionError(f"compressed payload: missing arrays {missing[:3]}, unexpected arrays {extra[:3]}")

@@ -21,7 +21,7 @@ import numpy as np
 from flwr.app import Array, ArrayRecord, Message
 from flwr.common.constant import SType
 
-from fedpriv.compression import CompressionError, check_names
+from fedpriv.compression import PAYLOAD, CompressionError, check_names
 from fedpriv.protocol import DECLINE_REASON_KEY, DECLINED_KEY, WEIGHT_KEY
 
 ArraySpec = dict[str, tuple[tuple[int, ...], np.dtype]]
@@ -205,12 +205,15 @@ def parse_compressed_reply(
         raise RejectedReply(f"node {node_id}: expected one ArrayRecord, got {len(records)}")
     record = records[0]
     try:
-        check_names(compression, set(record), list(spec))
+        check_names(compression, set(record))
         payload = {name: record[name].numpy() for name in record}
-        arrays = []
-        for (name, (shape, dtype)), base in zip(spec.items(), global_arrays, strict=True):
-            update = compression.decode(name, payload, shape=shape)
-            arrays.append((base + update).astype(dtype))
+        size = sum(base.size for base in global_arrays)
+        update = compression.decode(PAYLOAD, payload, shape=(size,))
+        arrays, start = [], 0
+        for (shape, dtype), base in zip(spec.values(), global_arrays, strict=True):
+            stop = start + base.size
+            arrays.append((base + update[start:stop].reshape(shape)).astype(dtype))
+            start = stop
     except (CompressionError, ValueError, TypeError) as exc:
         raise RejectedReply(f"node {node_id}: {exc}") from exc
     if not all(np.all(np.isfinite(value)) for value in arrays):
