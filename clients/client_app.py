@@ -35,7 +35,6 @@ from fedpriv.protocol import (
 )
 from fedpriv.secagg import client as secagg_client
 from fedpriv.secagg import messages as secagg
-from fedpriv.secagg.encoding import DistributedDPEncoding, plan_distributed_noise
 from fedpriv.secagg.messages import RECORD as SECAGG_RECORD
 
 logger = get_logger(__name__)
@@ -352,8 +351,8 @@ def secure_stage(msg: Message, context: Context) -> Message:
         return _error_reply(msg, code=SECURE_REFUSED, reason=f"secure aggregation: {type(exc).__name__}: {exc}")
 
 
-def check_noise_floor(encoding: DistributedDPEncoding, *, experiment: Any, dimension: int) -> None:
-    """Refuse to add less noise than the run's published config implies.
+def check_noise_floor(encoding: Any, *, experiment: Any, dimension: int) -> None:
+    """Refuse to add less noise than the run's published config implies (``encoding``: a ``DistributedDPEncoding``).
 
     The client rebuilds the run's noise plan from its own config and checks
     the server's request: the same grid, the same clipping, and at least the
@@ -364,6 +363,8 @@ def check_noise_floor(encoding: DistributedDPEncoding, *, experiment: Any, dimen
     ValueError
         Naming what the server asked for and what the config implies.
     """
+    from fedpriv.secagg.encoding import plan_distributed_noise
+
     strategy = experiment.strategy_config
     plan = plan_distributed_noise(
         clipping_norm=strategy["clipping_norm"],
@@ -399,7 +400,7 @@ def _secure_setup(msg: Message, context: Context, record: ConfigRecord) -> Messa
     if isinstance(trained, Message):
         return trained
     update = _flat(value.detach().cpu().numpy() for value in trained.model.state_dict().values()) - received
-    if isinstance(encoding, DistributedDPEncoding):
+    if secagg.encoding_to_record(encoding)[secagg.ENCODING] == "distributed-dp":
         check_noise_floor(encoding, experiment=trained.experiment, dimension=received.size)
     # The DP noise and the rounding draw from the operating system, never from the
     # config's seed (a plain client's training is seeded; its noise must not be).

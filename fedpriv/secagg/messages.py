@@ -14,8 +14,6 @@ from typing import Any
 
 from fedpriv.checks import check_choice
 
-from .encoding import DistributedDPEncoding, WeightedEncoding
-
 RECORD = "fedpriv.secagg"
 """Name of the ``ConfigRecord`` of every SecAgg+ message (and of a client's protocol state)."""
 INPUT_RECORD = "fedpriv.secagg.input"
@@ -42,25 +40,33 @@ DEAD = "dead"
 SHARES = "shares"
 MASKED = "masked"
 
-_ENCODINGS = {"weighted": WeightedEncoding, "distributed-dp": DistributedDPEncoding}
 _PREFIX = "encoding."
 
 
-def encoding_to_record(encoding: WeightedEncoding | DistributedDPEncoding) -> dict[str, Any]:
+def _encodings() -> dict[str, type]:
+    # Imported when a secure round runs: the encodings pull in the privacy
+    # package (and Opacus), which a client of another run never needs.
+    from .encoding import DistributedDPEncoding, WeightedEncoding
+
+    return {"weighted": WeightedEncoding, "distributed-dp": DistributedDPEncoding}
+
+
+def encoding_to_record(encoding: Any) -> dict[str, Any]:
     """The encoding's kind and parameters as ``ConfigRecord`` entries."""
-    kind = next(name for name, cls in _ENCODINGS.items() if isinstance(encoding, cls))
+    kind = next(name for name, cls in _encodings().items() if isinstance(encoding, cls))
     return {ENCODING: kind, **{f"{_PREFIX}{key}": value for key, value in asdict(encoding).items()}}
 
 
-def encoding_from_record(record: Mapping[str, Any]) -> WeightedEncoding | DistributedDPEncoding:
-    """Rebuild the encoding that :func:`encoding_to_record` wrote.
+def encoding_from_record(record: Mapping[str, Any]) -> Any:
+    """Rebuild the encoding (a ``WeightedEncoding`` or ``DistributedDPEncoding``) that :func:`encoding_to_record` wrote.
 
     Raises
     ------
     ValueError
         If the kind is unknown or a parameter is missing.
     """
-    cls = _ENCODINGS[check_choice(ENCODING, record.get(ENCODING), tuple(_ENCODINGS))]
+    encodings = _encodings()
+    cls = encodings[check_choice(ENCODING, record.get(ENCODING), tuple(encodings))]
     missing = [f.name for f in fields(cls) if f"{_PREFIX}{f.name}" not in record]
     if missing:
         raise ValueError(f"{ENCODING}: parameter {_PREFIX}{missing[0]} missing")
