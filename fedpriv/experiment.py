@@ -313,14 +313,20 @@ def build_run_components(experiment: Experiment, *, mode_config: Mapping[str, An
     return build_component(mode_config, key="mode")
 
 
-def enable_secure_aggregation(strategy: Any, secure: Any, *, model: nn.Module, public_context: Any = None) -> None:
+def enable_secure_aggregation(
+    strategy: Any, secure: Any, *, model: nn.Module, public_context: Any = None, experiment_client_evaluates: bool = True
+) -> None:
     """Turn on ``secure`` in ``strategy`` for ``model``'s size (``ValueError`` if they do not fit).
 
-    ``secure=ckks`` takes the server's ``public_context``; without one only the settings are checked.
+    ``secure=ckks`` takes the server's ``public_context`` (without one only the
+    settings are checked) and turns on federated evaluation when the clients
+    may evaluate (``experiment_client_evaluates``: private clients refuse).
     """
     dimension = sum(value.numel() for value in model.state_dict().values())
     if secure.name == "ckks":
-        strategy.enable_homomorphic_encryption(secure, dimension=dimension, public_context=public_context)
+        strategy.enable_homomorphic_encryption(
+            secure, dimension=dimension, public_context=public_context, evaluate=experiment_client_evaluates
+        )
     else:
         strategy.enable_secure_aggregation(secure, dimension=dimension)
 

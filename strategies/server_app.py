@@ -54,7 +54,8 @@ def round_line(row: dict[str, Any], *, rounds: list[dict[str, Any]], total_round
     Under client-level DP the row holds no counts and no timings (they are
     withheld), so neither does the line.
     """
-    parts = [f"round {row['round']}/{total_rounds}: test accuracy {row['test_accuracy']:.4f}"]
+    accuracy = "none (no client evaluated)" if row["test_accuracy"] is None else f"{row['test_accuracy']:.4f}"
+    parts = [f"round {row['round']}/{total_rounds}: test accuracy {accuracy}"]
     if row.get("test_auc") is not None:
         parts.append(f"AUC {row['test_auc']:.4f}")
     if row.get("num_clients") is not None:
@@ -152,7 +153,13 @@ def run_experiment(grid: Grid, experiment: Experiment, *, default_output_dir: Pa
     torch.manual_seed(settings.seed)
     model = experiment.build_model()
     if experiment.secure.enabled:
-        enable_secure_aggregation(strategy, experiment.secure, model=model, public_context=_public_context(experiment))
+        enable_secure_aggregation(
+            strategy,
+            experiment.secure,
+            model=model,
+            public_context=_public_context(experiment),
+            experiment_client_evaluates=experiment.client.privacy_level is None,
+        )
     if experiment.compression.enabled:
         strategy.enable_compression(experiment.compression)
     privacy = privacy_section(experiment, strategy)

@@ -248,12 +248,15 @@ class WeightedFedAvg(Strategy):
     supports_homomorphic_encryption = True
     """Whether :meth:`enable_homomorphic_encryption` may be called."""
 
-    def enable_homomorphic_encryption(self, ckks, *, dimension: int, public_context: Any = None) -> None:
+    def enable_homomorphic_encryption(
+        self, ckks, *, dimension: int, public_context: Any = None, evaluate: bool = True
+    ) -> None:
         """Keep the model encrypted under CKKS (``ckks``, a :class:`fedpriv.he.CKKS`); add clients' ciphertexts.
 
         The server holds ``public_context`` (no secret key) and ciphertexts
-        only. It cannot evaluate, so federated evaluation is turned on (every
-        client, unless ``fraction_evaluate`` says otherwise). ``dimension``
+        only. It cannot evaluate, so with ``evaluate`` federated evaluation is
+        turned on (every client, unless ``fraction_evaluate`` says otherwise;
+        private clients would refuse it). ``dimension``
         (values in the model) fixes how many ciphertexts a reply holds.
         Without a context only the settings are checked.
 
@@ -279,7 +282,7 @@ class WeightedFedAvg(Strategy):
         if public_context is not None:
             self._he_extra = {HE_RECORD: ConfigRecord({FINGERPRINT: fingerprint(public_context)})}
         self._he_chunks = -(-(dimension + HEADER) // ckks.slots)
-        if self.fraction_evaluate == 0.0:
+        if evaluate and self.fraction_evaluate == 0.0:
             self.fraction_evaluate = 1.0
 
     @property

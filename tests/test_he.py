@@ -256,3 +256,18 @@ def test_a_ckks_simulation_keeps_the_model_encrypted_and_a_key_holder_decrypts_i
     model.load_state_dict(torch.load(out / "model.pt"))
     splits = experiment.dataset.load()
     assert dataset_metrics(model, splits.test_x, splits.test_y, dataset=experiment.dataset)["test_accuracy"] > 0.5
+
+
+def test_private_clients_are_not_asked_to_evaluate_and_the_round_line_says_so():
+    # Prepare
+    from strategies.server_app import round_line
+
+    strategy = WeightedFedAvg()
+
+    # Execute
+    strategy.enable_homomorphic_encryption(CKKS(), dimension=10, evaluate=False)
+    line = round_line({"round": 1, "test_accuracy": None}, rounds=[{"seconds": None}], total_rounds=2)
+
+    # Assert
+    assert strategy.fraction_evaluate == 0.0
+    assert "test accuracy none (no client evaluated)" in line
