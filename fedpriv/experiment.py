@@ -16,10 +16,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
 from fedpriv.checks import check_bool, check_int, check_real, check_text
+from fedpriv.partition_cache import cached_partitioning, partition_key
 from fedpriv.run_config import ConfigError, Scalar, build_component, flatten, unflatten
 
 GROUPS = ("strategy", "client", "model", "dataset", "partition")
@@ -405,13 +407,26 @@ def experiment_from_run_config(run_config: Mapping[str, Scalar]) -> Experiment:
 
 @functools.lru_cache(maxsize=8)
 def _partitioning(dataset: Any, partition: Any, num_partitions: int, seed: int):
+    # In memory per process, and on disk for the next process (fedpriv.partition_cache).
     splits = dataset.load()
     labels = splits.train_y.numpy()
-    if getattr(partition, "needs_silos", False):
-        if splits.train_silo is None:
-            raise ValueError("partition=natural: this dataset has no natural silos")
-        return partition.split(labels, num_partitions=num_partitions, seed=seed, silos=splits.train_silo.numpy())
-    return partition.split(labels, num_partitions=num_partitions, seed=seed)
+    silos = splits.train_silo.numpy() if splits.train_silo is not None else None
+
+    def compute():
+        if getattr(partition, "needs_silos", False):
+            if silos is None:
+                raise ValueError("partition=natural: this dataset has no natural silos")
+            return partition.split(labels, num_partitions=num_partitions, seed=seed, silos=silos)
+        return partition.split(labels, num_partitions=num_partitions, seed=seed)
+
+    key = partition_key(
+        dataset=dataset,
+        partition=partition,
+        num_partitions=num_partitions,
+        seed=seed,
+        labels=labels if silos is None else np.concatenate([labels, silos]),
+    )
+    return cached_partitioning(key, compute)
 
 
 def client_examples(

@@ -11,6 +11,11 @@ from pathlib import Path
 
 # Flower reads this when first imported.
 os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
+# Partitionings the tests compute stay out of the user's ~/.cache (child processes inherit it).
+if "FEDPRIV_CACHE" not in os.environ:
+    import tempfile
+
+    os.environ["FEDPRIV_CACHE"] = tempfile.mkdtemp(prefix="fedpriv-test-cache-")
 
 import dp_accounting
 import numpy as np

@@ -239,3 +239,34 @@ def test_dirichlet_rejects_min_partition_size_below_one():
     # Prepare / Execute
     with pytest.raises(ValueError, match=r"^partition\.min_partition_size=0: "):
         Dirichlet(min_partition_size=0)
+
+
+def test_a_partitioning_is_stored_on_disk_and_read_back_by_the_next_process(tmp_path, monkeypatch):
+    # Prepare: an empty cache, a partitioning computed once
+    from fedpriv.partition import IID, Partitioning
+    from fedpriv.partition_cache import cache_folder, cached_partitioning, partition_key
+
+    monkeypatch.setenv("FEDPRIV_CACHE", str(tmp_path))
+    labels = np.arange(100) % 10
+    key = partition_key(dataset="d", partition=IID(), num_partitions=4, seed=1, labels=labels)
+    calls = []
+
+    def compute():
+        calls.append(1)
+        return IID().split(labels, num_partitions=4, seed=1)
+
+    # Execute
+    first = cached_partitioning(key, compute)
+    second = cached_partitioning(key, compute)
+    (cache_folder() / f"{key}.npz").write_bytes(b"damaged")
+    third = cached_partitioning(key, compute)
+
+    # Assert: computed once, read back equal; a damaged file is recomputed
+    assert len(calls) == 2
+    for other in (second, third):
+        assert isinstance(other, Partitioning)
+        assert all(np.array_equal(a, b) for a, b in zip(first.indices, other.indices, strict=True))
+    keys = {
+        partition_key(dataset="d", partition=IID(), num_partitions=4, seed=s, labels=labels) for s in (1, 2)
+    } | {partition_key(dataset="d", partition=IID(), num_partitions=4, seed=1, labels=labels[::-1])}
+    assert len(keys) == 3
