@@ -183,7 +183,8 @@ class SecAggPlusRound:
 
         if len(alive) < threshold:
             return refuse(f"{len(alive)} clients sent keys, fewer than threshold={threshold}")
-        logger.info("round %d: SecAgg+ share-keys with %d clients", self.server_round, len(alive))
+        # Stage lines carry no client counts: under client-level DP they are not public.
+        logger.info("round %d: SecAgg+ share-keys", self.server_round)
 
         # Stage 1: public keys out, encrypted shares back.
         requests = []
@@ -220,7 +221,7 @@ class SecAggPlusRound:
             return refuse(f"{len(sharing)} clients shared keys, fewer than threshold={threshold}")
 
         # Stage 2: shares forwarded, masked inputs summed.
-        logger.info("round %d: SecAgg+ collect-masked with %d clients", self.server_round, len(sharing))
+        logger.info("round %d: SecAgg+ collect-masked", self.server_round)
         sources = {node: [(s, c) for s, c in forwarded[node] if s in sharing] for node in sharing}
         requests = [
             self._message(
@@ -250,7 +251,7 @@ class SecAggPlusRound:
             return refuse(f"{len(masking)} masked inputs arrived, fewer than the {self.min_survivors} needed")
 
         # Stage 3: shares of survivors' seeds and dropped clients' keys.
-        logger.info("round %d: SecAgg+ unmask with %d clients", self.server_round, len(masking))
+        logger.info("round %d: SecAgg+ unmask", self.server_round)
         masked_with = {node: [s for s, _ in sources[node]] for node in masking}
         requests = [
             self._message(
