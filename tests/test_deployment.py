@@ -115,6 +115,33 @@ def test_two_ckks_rounds_with_a_key_on_each_supernode_and_none_on_the_server(tmp
 
 
 @pytest.mark.slow
+def test_two_rounds_of_quantized_then_topk_updates_on_a_local_federation(tmp_path):
+    # Prepare
+    directory = tmp_path / "federation"
+    fed = federation.start_federation(directory, 2)
+    started = fed.pids
+    try:
+        # Execute: 8-bit quantization, then 10% top-k (its residual kept on the nodes between rounds)
+        runs = {
+            name: run_experiment(tmp_path, *fed.mode_overrides(), "num_clients=2", "num_rounds=2",
+                                 "client.local_epochs=1", *overrides, name=name)
+            for name, overrides in {
+                "quantize": ["compression=quantize", "compression.bits=8"],
+                "topk": ["compression=topk", "compression.fraction=0.1"],
+            }.items()
+        }
+
+        # Assert: every reply decoded, and each far smaller than the 38 KB float32 model
+        for name, (result, out) in runs.items():
+            assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+            rows = json.loads((out / "results.json").read_text())["rounds"]
+            assert [(row["num_clients"], row["num_rejected"]) for row in rows] == [(2, 0), (2, 0)], name
+            assert all(row["bytes_up"] / 2 < 0.3 * 4 * 9610 for row in rows), name
+    finally:
+        stop_and_assert_gone(directory, started)
+
+
+@pytest.mark.slow
 def test_one_round_over_tls_with_supernode_authentication_then_a_resumed_second(tmp_path):
     # Prepare
     directory = tmp_path / "federation"
