@@ -7,7 +7,6 @@ process), keyed by the run config.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -21,6 +20,7 @@ from clients.node_state import node_state_path, restore_node_state, save_node_st
 from clients.privacy_state import STATE_KEY, PrivacyBudgetExhausted
 from fedpriv.compression import PAYLOAD, RESIDUAL_RECORD
 from fedpriv.experiment import client_examples, experiment_from_run_config
+from fedpriv.flat import flat_vector
 from fedpriv.logs import get_logger
 from fedpriv.metrics import dataset_metrics
 from fedpriv.protocol import (
@@ -276,8 +276,8 @@ def compressed_update(msg: Message, trained: TrainedRound, *, state: RecordDict)
     post-processing: it costs no epsilon.
     """
     compression = trained.experiment.compression
-    received = _flat(array.numpy() for array in msg.content["arrays"].values())
-    update = _flat(value.detach().cpu().numpy() for value in trained.model.state_dict().values()) - received
+    received = flat_vector(array.numpy() for array in msg.content["arrays"].values())
+    update = flat_vector(value.detach().cpu().numpy() for value in trained.model.state_dict().values()) - received
     if compression.name == "topk":
         residual = state.array_records.get(RESIDUAL_RECORD)
         if residual is not None and residual[PAYLOAD].numpy().shape == update.shape:
@@ -308,11 +308,6 @@ def _secure_run(context: Context) -> bool:
         return experiment_from_run_config(context.run_config).secure.name == "secagg"
     except (OSError, ValueError):
         return False
-
-
-def _flat(arrays: Iterable[np.ndarray]) -> np.ndarray:
-    """One float64 vector of ``arrays``, in order (the global model's order)."""
-    return np.concatenate([np.asarray(value, dtype=np.float64).ravel() for value in arrays])
 
 
 def secure_stage(msg: Message, context: Context) -> Message:
@@ -395,12 +390,12 @@ def _secure_setup(msg: Message, context: Context, record: ConfigRecord) -> Messa
     encoding = secagg.encoding_from_record(record)
     if "arrays" not in msg.content.array_records:
         raise ValueError("the setup message carries no model")
-    received = _flat(array.numpy() for array in msg.content.array_records["arrays"].values())
+    received = flat_vector(array.numpy() for array in msg.content.array_records["arrays"].values())
     trained = _train_locally(msg, context)
     if isinstance(trained, Message):
         return trained
-    update = _flat(value.detach().cpu().numpy() for value in trained.model.state_dict().values()) - received
-    if secagg.encoding_to_record(encoding)[secagg.ENCODING] == "distributed-dp":
+    update = flat_vector(value.detach().cpu().numpy() for value in trained.model.state_dict().values()) - received
+    if record[secagg.ENCODING] == "distributed-dp":
         check_noise_floor(encoding, experiment=trained.experiment, dimension=received.size)
     # The DP noise and the rounding draw from the operating system, never from the
     # config's seed (a plain client's training is seeded; its noise must not be).

@@ -11,8 +11,9 @@ import numpy as np
 import torch
 from flwr.app import ArrayRecord, Message
 
+from fedpriv.flat import flat_vector, split_like
 from fedpriv.he.config import CKKS
-from fedpriv.he.keys import fingerprint, key_folder, load_secret_context
+from fedpriv.he.keys import SECRET_FILE, fingerprint, key_folder, load_secret_context
 from fedpriv.he.packing import FINGERPRINT, RECORD, decrypt_average, encrypt_weighted, is_encrypted
 
 
@@ -34,7 +35,7 @@ def secret_context(secure: CKKS, *, node_config: Mapping[str, Any], run_config: 
     if folder is None:
         raise ValueError("secure.key_dir is empty and the node config names no he-key-dir")
     path = Path(folder)
-    secret = path / "secret-context.tenseal"
+    secret = path / SECRET_FILE
     modified = secret.stat().st_mtime if secret.is_file() else 0.0
     return _cached_secret_context(str(path), modified)
 
@@ -67,19 +68,16 @@ def load_global_model(model: torch.nn.Module, record: ArrayRecord, *, context: A
     if not is_encrypted(record):
         model.load_state_dict(record.to_torch_state_dict())
         return
-    shapes = {name: value.shape for name, value in model.state_dict().items()}
-    flat = decrypt_average(context, record, length=sum(int(np.prod(shape)) for shape in shapes.values()))
-    state, start = {}, 0
-    for name, value in model.state_dict().items():
-        stop = start + value.numel()
-        state[name] = torch.as_tensor(flat[start:stop].reshape(tuple(value.shape)), dtype=value.dtype)
-        start = stop
-    model.load_state_dict(state)
+    like = {name: value.detach().cpu().numpy() for name, value in model.state_dict().items()}
+    flat = decrypt_average(context, record, length=sum(value.size for value in like.values()))
+    model.load_state_dict(
+        {name: torch.from_numpy(piece) for name, piece in zip(like, split_like(flat, list(like.values())), strict=True)}
+    )
 
 
 def encrypted_model(model: torch.nn.Module, *, context: Any, num_examples: float, secure: CKKS) -> ArrayRecord:
     """``[w, w, w * model]`` encrypted, ``w = num_examples``."""
-    flat = np.concatenate([value.detach().cpu().numpy().astype(np.float64).ravel() for value in model.state_dict().values()])
+    flat = flat_vector(value.detach().cpu().numpy() for value in model.state_dict().values())
     return encrypt_weighted(context, flat, weight=float(num_examples), slots=secure.slots)
 
 

@@ -28,7 +28,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from fedpriv.checks import check_choice, check_int, check_real, fail
+from fedpriv.checks import check_choice, check_int, check_real
 
 QUANTIZE_BITS = (1, 2, 4, 8)
 PAYLOAD = "update"
@@ -224,14 +224,3 @@ def check_names(compression: Quantize | TopK, payload_names: set[str]) -> None:
     extra, missing = sorted(payload_names - expected), sorted(expected - payload_names)
     if extra or missing:
         raise CompressionError(f"compressed payload: missing arrays {missing[:3]}, unexpected arrays {extra[:3]}")
-
-
-def describe(compression: object) -> str:
-    """A short name for logs and tables: ``none``, ``quantize 8 bits``, ``topk 10%``."""
-    if isinstance(compression, Quantize):
-        return f"quantize {compression.bits} bits"
-    if isinstance(compression, TopK):
-        return f"topk {compression.fraction:.0%}"
-    if isinstance(compression, NoCompression):
-        return "none"
-    raise fail("compression", compression, "must be NoCompression, Quantize or TopK")

@@ -22,6 +22,7 @@ from flwr.app import Array, ArrayRecord, Message
 from flwr.common.constant import SType
 
 from fedpriv.compression import PAYLOAD, CompressionError, check_names
+from fedpriv.flat import split_like
 from fedpriv.protocol import DECLINE_REASON_KEY, DECLINED_KEY, WEIGHT_KEY
 
 ArraySpec = dict[str, tuple[tuple[int, ...], np.dtype]]
@@ -110,7 +111,8 @@ def _parse_metrics(msg: Message, *, node_id: int) -> tuple[float, dict[str, floa
     return float(weight), scalars
 
 
-def _check_error(msg: Message) -> int:
+def check_error(msg: Message) -> int:
+    """The sender of ``msg``; ``RejectedReply`` if ``msg`` is an error reply."""
     node_id = msg.metadata.src_node_id
     if msg.has_error():
         raise RejectedReply(f"node {node_id}: error reply {msg.error.code}: {msg.error.reason}")
@@ -165,7 +167,7 @@ def parse_train_reply(msg: Message, *, spec: ArraySpec) -> TrainReply:
         For an error reply, a missing/extra/misshapen/wrongly typed or
         non-finite array, or an unusable ``num-examples`` or metric.
     """
-    node_id = _check_error(msg)
+    node_id = check_error(msg)
     records = list(msg.content.array_records.values())
     if len(records) != 1:
         raise RejectedReply(f"node {node_id}: expected one ArrayRecord, got {len(records)}")
@@ -199,7 +201,7 @@ def parse_compressed_reply(
         arrays (:class:`fedpriv.compression.CompressionError`), a non-finite
         model, or an unusable ``num-examples`` or metric.
     """
-    node_id = _check_error(msg)
+    node_id = check_error(msg)
     records = list(msg.content.array_records.values())
     if len(records) != 1:
         raise RejectedReply(f"node {node_id}: expected one ArrayRecord, got {len(records)}")
@@ -207,19 +209,20 @@ def parse_compressed_reply(
     try:
         check_names(compression, set(record))
         payload = {name: record[name].numpy() for name in record}
-        size = sum(base.size for base in global_arrays)
-        update = compression.decode(PAYLOAD, payload, shape=(size,))
-        arrays, start = [], 0
-        for (shape, dtype), base in zip(spec.values(), global_arrays, strict=True):
-            stop = start + base.size
-            arrays.append((base + update[start:stop].reshape(shape)).astype(dtype))
-            start = stop
+        update = compression.decode(PAYLOAD, payload, shape=(sum(base.size for base in global_arrays),))
+        arrays = add_flat(global_arrays, update)
     except (CompressionError, ValueError, TypeError) as exc:
         raise RejectedReply(f"node {node_id}: {exc}") from exc
     if not all(np.all(np.isfinite(value)) for value in arrays):
         raise RejectedReply(f"node {node_id}: the decoded model has non-finite values")
     weight, metrics = _parse_metrics(msg, node_id=node_id)
     return TrainReply(node_id=node_id, arrays=arrays, num_examples=weight, metrics=metrics)
+
+
+def add_flat(arrays: Sequence[np.ndarray], flat_update: np.ndarray) -> list[np.ndarray]:
+    """``arrays`` plus a flat update cut to their shapes, in their dtypes (new arrays)."""
+    pieces = split_like(flat_update, arrays, dtype=np.float64)
+    return [(base + piece).astype(base.dtype) for base, piece in zip(arrays, pieces, strict=True)]
 
 
 def decode_array(array: Array, *, shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
@@ -263,7 +266,7 @@ def decode_array(array: Array, *, shape: tuple[int, ...], dtype: np.dtype) -> np
 
 def parse_metrics_reply(msg: Message) -> MetricsReply:
     """Validate an evaluation reply (``num-examples`` plus finite scalar metrics)."""
-    node_id = _check_error(msg)
+    node_id = check_error(msg)
     weight, metrics = _parse_metrics(msg, node_id=node_id)
     return MetricsReply(node_id=node_id, num_examples=weight, metrics=metrics)
 

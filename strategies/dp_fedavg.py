@@ -31,7 +31,7 @@ from fedpriv.privacy import (
 )
 from fedpriv.privacy.ledger import SKELLAM_ACCOUNTANT, PrivacyLedger
 from fedpriv.secagg.encoding import DistributedDPEncoding, NoisePlan, plan_distributed_noise
-from strategies.aggregation import TrainReply
+from strategies.aggregation import TrainReply, add_flat
 from strategies.secagg_server import SecAggOutcome
 from strategies.weighted_fedavg import StopRun, WeightedFedAvg
 
@@ -217,7 +217,6 @@ class DPFedAvg(WeightedFedAvg):
             for name, rng, seed in (("sampling", self._sampling_rng, sampling_seed), ("noise", self._noise_rng, noise_seed))
             if seed is not None
         }
-        self._round_stats: dict[str, float] = {}
         self._noise_plan: NoisePlan | None = None
         if self.noise_multiplier == 0:
             logger.warning("strategy.noise_multiplier=0: the server adds no noise; this run is NOT private")
@@ -330,7 +329,7 @@ class DPFedAvg(WeightedFedAvg):
             "noise_std": plan.noise_std / self.denominator,
             "accounted_noise_multiplier": self._accounted_noise_multiplier(),
         }
-        return self._global_plus(self._encoding.decode(outcome.total) / self.denominator)
+        return add_flat(self._global, self._encoding.decode(outcome.total) / self.denominator)
 
     @property
     def client_level_private(self) -> bool:

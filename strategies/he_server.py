@@ -8,12 +8,12 @@ from __future__ import annotations
 
 from typing import Any
 
-from flwr.app import Array, ArrayRecord, Message
 import numpy as np
+from flwr.app import Array, ArrayRecord, Message
 
-from fedpriv.he.packing import PREFIX, chunks
 from fedpriv.he.config import import_tenseal
-from strategies.aggregation import RejectedReply, reported_privacy
+from fedpriv.he.packing import PREFIX, chunks
+from strategies.aggregation import RejectedReply, check_error, reported_privacy
 from strategies.client_privacy import REPLY_PRIVACY_KEYS
 
 
@@ -25,9 +25,7 @@ def parse_encrypted_reply(msg: Message, *, num_chunks: int) -> tuple[int, ArrayR
     RejectedReply
         For an error reply, or one without exactly ``num_chunks`` ciphertexts.
     """
-    node_id = msg.metadata.src_node_id
-    if msg.has_error():
-        raise RejectedReply(f"node {node_id}: error reply {msg.error.code}: {msg.error.reason}")
+    node_id = check_error(msg)
     records = list(msg.content.array_records.values())
     if len(records) != 1 or not records[0] or not all(name.startswith(PREFIX) for name in records[0]):
         raise RejectedReply(f"node {node_id}: a secure=ckks reply carries exactly one record of ciphertexts")

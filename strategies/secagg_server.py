@@ -45,7 +45,7 @@ from fedpriv.secagg.masking import (
     remove_pairwise_mask,
     remove_self_mask,
 )
-from strategies.aggregation import RejectedReply, reported_privacy
+from strategies.aggregation import RejectedReply, check_error, reported_privacy
 from strategies.client_privacy import REPLY_PRIVACY_KEYS
 
 logger = get_logger(__name__)
@@ -80,9 +80,7 @@ def parse_setup_reply(msg: Message) -> tuple[int, tuple[bytes, bytes], dict[str,
         client of a secure round never sends its model in the clear, and the
         server does not look at one that does).
     """
-    node_id = msg.metadata.src_node_id
-    if msg.has_error():
-        raise RejectedReply(f"node {node_id}: error reply {msg.error.code}: {msg.error.reason}")
+    node_id = check_error(msg)
     if msg.content.array_records:
         raise RejectedReply(f"node {node_id}: a secure round's setup reply carries arrays")
     record = msg.content.config_records.get(m.RECORD)

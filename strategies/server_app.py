@@ -188,12 +188,13 @@ def run_experiment(grid: Grid, experiment: Experiment, *, default_output_dir: Pa
     latest = {"state_dict": model.state_dict(), "scores": {"test_loss": None, "test_accuracy": None}}
     logger.info("fedpriv run: results go to %s", output_dir.resolve())
 
-    def end_of_round(flower_round: int, arrays: ArrayRecord) -> MetricRecord:
-        # Flower's evaluate_fn is its only per-round callback: the server's
-        # evaluation, the round's row and the checkpoint all happen here.
-        server_round = strategy.run_round(flower_round) if flower_round else 0
+    def evaluated(server_round: int, arrays: ArrayRecord) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        """The round's model (as the run keeps it) and its test metrics."""
         if strategy.encrypted_model:
-            return encrypted_round(server_round, arrays)
+            # secure=ckks: the server cannot read the model; the clients' federated
+            # evaluation of it stands in for the test metrics.
+            state_dict = {name: torch.from_numpy(array.numpy().copy()) for name, array in arrays.items()}
+            return state_dict, federated_test_scores(strategy.federated_scores.get(server_round, {}))
         state_dict = arrays.to_torch_state_dict()
         model.load_state_dict(state_dict)
         scores = dataset_metrics(model, splits.test_x, splits.test_y, dataset=experiment.dataset)
@@ -202,8 +203,14 @@ def run_experiment(grid: Grid, experiment: Experiment, *, default_output_dir: Pa
             # The previous model stays the global one, with its own test metrics.
             state_dict, scores = latest["state_dict"], latest["scores"]
             model.load_state_dict(state_dict)
+        return state_dict, scores
+
+    def end_of_round(flower_round: int, arrays: ArrayRecord) -> MetricRecord:
+        # Flower's evaluate_fn is its only per-round callback: the server's
+        # evaluation, the round's row and the checkpoint all happen here.
+        server_round = strategy.run_round(flower_round) if flower_round else 0
+        state_dict, scores = evaluated(server_round, arrays)
         latest.update(state_dict=state_dict, scores=scores)
-        loss, accuracy = scores["test_loss"], scores["test_accuracy"]
         if server_round == 0:
             recorder.start_clock()
         else:
@@ -215,25 +222,8 @@ def run_experiment(grid: Grid, experiment: Experiment, *, default_output_dir: Pa
                 strategy_state=strategy.resume_state(),
             )
             logger.info("%s", round_line(row, rounds=recorder.rounds, total_rounds=settings.num_rounds))
-        return MetricRecord({"test_loss": loss, "test_accuracy": accuracy})
-
-    def encrypted_round(server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
-        # secure=ckks: the server cannot read the model; the clients' federated
-        # evaluation of it stands in for the test metrics.
-        if server_round == 0:
-            recorder.start_clock()
-            return None
-        scores = federated_test_scores(strategy.federated_scores.get(server_round, {}))
-        state_dict = {name: torch.from_numpy(array.numpy().copy()) for name, array in arrays.items()}
-        latest.update(state_dict=state_dict, scores=scores)
-        row = recorder.record_round(
-            server_round=server_round,
-            metrics={**strategy.train_metrics.get(server_round, {}), **scores},
-            state_dict=state_dict,
-            strategy_state=strategy.resume_state(),
-        )
-        logger.info("%s", round_line(row, rounds=recorder.rounds, total_rounds=settings.num_rounds))
-        return None
+        shown = {key: scores[key] for key in ("test_loss", "test_accuracy") if scores[key] is not None}
+        return MetricRecord(shown)
 
     stop = None
     try:

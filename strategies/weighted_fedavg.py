@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import numpy as np
@@ -20,6 +20,7 @@ from strategies.aggregation import (
     MetricsReply,
     RejectedReply,
     TrainReply,
+    add_flat,
     apply_server_lr,
     array_spec,
     parse_compressed_reply,
@@ -201,7 +202,7 @@ class WeightedFedAvg(Strategy):
         self._secure_round: SecAggPlusRound | None = None
         self._encoding: Any = None  # how this round's clients encode their update
         self._grid: Grid | None = None
-        self._secure_stats: dict[str, float] = {}
+        self._round_stats: dict[str, float] = {}  # what aggregating this round measured, for round_metrics
         self.compression = None  # a fedpriv.compression.Quantize or TopK: replies carry a compressed update
         self.he = None  # a fedpriv.he.CKKS once the model is kept encrypted
         self.he_context: Any = None  # its public TenSEAL context (never a secret key)
@@ -305,7 +306,7 @@ class WeightedFedAvg(Strategy):
     def aggregate_secure(self, server_round: int, outcome: SecAggOutcome) -> list[np.ndarray]:
         """The weighted mean model from the survivors' sum; warns when ``clipping_range`` clipped values."""
         clipped = self._encoding.clipped_values(outcome.total)
-        self._secure_stats = {"secagg_clipped_values": clipped}
+        self._round_stats = {"secagg_clipped_values": clipped}
         if clipped:
             logger.warning(
                 "round %d: clients clipped %d weighted update values to secure.clipping_range=%g; "
@@ -314,16 +315,7 @@ class WeightedFedAvg(Strategy):
                 clipped,
                 self.secure.clipping_range,
             )
-        return self._global_plus(self._encoding.decode(outcome.total))
-
-    def _global_plus(self, flat_update: np.ndarray) -> list[np.ndarray]:
-        """The global model plus a flat update, array by array, in the model's dtypes."""
-        arrays, start = [], 0
-        for base in self._global:
-            stop = start + base.size
-            arrays.append((base + flat_update[start:stop].reshape(base.shape)).astype(base.dtype))
-            start = stop
-        return arrays
+        return add_flat(self._global, self._encoding.decode(outcome.total))
 
     @property
     def client_level_private(self) -> bool:
@@ -412,9 +404,11 @@ class WeightedFedAvg(Strategy):
         self._round_nodes[server_round] = {**self.nodes.counts, "num_sampled": len(node_ids)}
         self._round_sampled[server_round] = list(node_ids)
         logger.debug("round %d: training on %d nodes", server_round, len(node_ids))
-        extra = self._secure_setup(server_round, node_ids, grid) if self.secure is not None else self._he_extra
-        if extra is None and self.secure is not None:
-            node_ids = []
+        extra = self._he_extra
+        if self.secure is not None:
+            extra = self._secure_setup(server_round, node_ids, grid)
+            if extra is None:
+                node_ids = []
         messages = self._messages(
             arrays=arrays,
             config=config,
@@ -454,18 +448,28 @@ class WeightedFedAvg(Strategy):
         the client privacy tally: the client spent it even though its model is
         not used.
         """
-        valid, rejected, declined = [], 0, []
+        if self.compression is not None:
+            return self._sort_replies(
+                replies,
+                lambda msg: parse_compressed_reply(
+                    msg, spec=self._spec, global_arrays=self._global, compression=self.compression
+                ),
+            )
+        return self._sort_replies(replies, lambda msg: parse_train_reply(msg, spec=self._spec))
+
+    def _sort_replies(self, replies: Iterable[Message], parse: Callable[[Message], Any]) -> tuple[list[Any], int, list[MetricsReply]]:
+        """What ``parse`` makes of the replies it accepts, a count of rejected ones, and declines.
+
+        ``parse`` raises ``RejectedReply`` for a reply it refuses. The privacy
+        a rejected reply reports (``epsilon``, ``delta``) is kept in the client
+        privacy tally: the client spent it even though its reply is not used.
+        """
+        accepted, rejected, declined = [], 0, []
         for msg in replies:
             try:
                 decline = parse_decline(msg)
-                if decline is None and self.compression is not None:
-                    valid.append(
-                        parse_compressed_reply(
-                            msg, spec=self._spec, global_arrays=self._global, compression=self.compression
-                        )
-                    )
-                elif decline is None:
-                    valid.append(parse_train_reply(msg, spec=self._spec))
+                if decline is None:
+                    accepted.append(parse(msg))
                 else:
                     declined.append(decline)
                     logger.warning("node %d declined: %s", decline.node_id, decline.reason)
@@ -477,7 +481,7 @@ class WeightedFedAvg(Strategy):
                     self.client_privacy.track(
                         [MetricsReply(node_id=msg.metadata.src_node_id, num_examples=1.0, metrics=spent)]
                     )
-        return valid, rejected, declined
+        return accepted, rejected, declined
 
     def releases_update(self, valid: list[TrainReply]) -> bool:
         """Whether this round updates the model (enough valid replies)."""
@@ -557,27 +561,21 @@ class WeightedFedAvg(Strategy):
         """Add the clients' encrypted, weighted models; the sum stays encrypted.
 
         A reply whose ciphertexts do not deserialize under the public context,
-        or whose count differs from the others', is rejected and counted.
+        or that holds another number of them than the model needs, is
+        rejected and counted.
         """
         traffic = self.traffic.received(server_round, replies)
         total = EncryptedSum(self.he_context)
-        reporting, rejected, declined = [], 0, []
-        for msg in replies:
+
+        def add(msg: Message) -> MetricsReply:
+            node_id, record, spent = parse_encrypted_reply(msg, num_chunks=self._he_chunks)
             try:
-                decline = parse_decline(msg)
-                if decline is not None:
-                    declined.append(decline)
-                    continue
-                node_id, record, spent = parse_encrypted_reply(msg, num_chunks=self._he_chunks)
                 total.add(record)
-            except (RejectedReply, ValueError) as exc:
-                rejected += 1
-                logger.warning("rejected reply: node %d: %s", msg.metadata.src_node_id, exc)
-                spent = reported_privacy(msg, privacy_keys=REPLY_PRIVACY_KEYS)
-                if spent:
-                    reporting.append(MetricsReply(node_id=msg.metadata.src_node_id, num_examples=1.0, metrics=spent))
-                continue
-            reporting.append(MetricsReply(node_id=node_id, num_examples=1.0, metrics=spent))
+            except ValueError as exc:
+                raise RejectedReply(f"node {node_id}: {exc}") from exc
+            return MetricsReply(node_id=node_id, num_examples=1.0, metrics=spent)
+
+        reporting, rejected, declined = self._sort_replies(replies, add)
         self._note_declines(declined)
         metrics = {
             "num_clients": total.count,
@@ -636,24 +634,9 @@ class WeightedFedAvg(Strategy):
         No client's update reaches this method: setup replies hold public keys
         and the privacy a client reports, and the protocol returns only the sum.
         """
-        public_keys, reporting, rejected, declined = {}, [], 0, []
-        for msg in replies:
-            try:
-                decline = parse_decline(msg)
-                if decline is not None:
-                    declined.append(decline)
-                    logger.warning("node %d declined: %s", decline.node_id, decline.reason)
-                    continue
-                node_id, keys, spent = parse_setup_reply(msg)
-            except RejectedReply as exc:
-                rejected += 1
-                logger.warning("rejected reply: %s", exc)
-                spent = reported_privacy(msg, privacy_keys=REPLY_PRIVACY_KEYS)
-                if spent:
-                    reporting.append(MetricsReply(node_id=msg.metadata.src_node_id, num_examples=1.0, metrics=spent))
-                continue
-            public_keys[node_id] = keys
-            reporting.append(MetricsReply(node_id=node_id, num_examples=1.0, metrics=spent))
+        accepted, rejected, declined = self._sort_replies(replies, parse_setup_reply)
+        public_keys = {node_id: keys for node_id, keys, _ in accepted}
+        reporting = [MetricsReply(node_id=node_id, num_examples=1.0, metrics=spent) for node_id, _, spent in accepted]
         self._note_declines(declined)
         if self._secure_round is None:
             outcome = SecAggOutcome(total=None, survivors=0, refused="fewer than 2 clients sampled")
@@ -666,7 +649,7 @@ class WeightedFedAvg(Strategy):
             "train_loss": None,
             "secagg_dropped": len(public_keys) - outcome.survivors,
             "secagg_refused": int(outcome.total is None),
-            **self.client_privacy.track(reporting),
+            **self.client_privacy.track([*reporting, *declined]),
         }
         if outcome.total is None:
             return metrics, None
@@ -678,10 +661,7 @@ class WeightedFedAvg(Strategy):
                 self.min_valid_replies,
             )
             return metrics, None
-        target = self.aggregate_secure(server_round, outcome)
-        metrics.update(self._secure_stats)
-        self._secure_stats = {}
-        return metrics, target
+        return metrics, self.aggregate_secure(server_round, outcome)
 
     def _exchange(self, server_round: int):
         """One protocol stage on the round's Grid, its bytes counted with the round's."""
@@ -695,8 +675,9 @@ class WeightedFedAvg(Strategy):
         return exchange
 
     def round_metrics(self, server_round: int) -> dict[str, float]:
-        """Extra per-round metrics of subclasses (privacy spent, noise, ...)."""
-        return {}
+        """What aggregating this round measured (subclasses add privacy spent, noise, ...)."""
+        stats, self._round_stats = self._round_stats, {}
+        return stats
 
     def reject_model(self, server_round: int, *, reason: str) -> None:
         """Do not apply round ``server_round``'s model: the next round starts from the previous one.
