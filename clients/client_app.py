@@ -322,9 +322,9 @@ def secure_stage(msg: Message, context: Context) -> Message:
     try:
         if stage == secagg.SETUP:
             return _secure_setup(msg, context, record)
-        protocol = dict(context.state.config_records[SECAGG_RECORD]) if SECAGG_RECORD in context.state.config_records else None
-        if protocol is None:
+        if SECAGG_RECORD not in context.state.config_records:
             raise ValueError(f"stage {stage!r} without a setup in this round")
+        protocol = dict(context.state.config_records[SECAGG_RECORD])
         if stage == secagg.SHARE_KEYS:
             protocol, answer = secagg_client.share_keys(protocol, record)
             context.state[SECAGG_RECORD] = ConfigRecord(protocol)
