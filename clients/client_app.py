@@ -7,6 +7,7 @@ process), keyed by the run config.
 
 from __future__ import annotations
 
+import gc
 from dataclasses import dataclass
 from typing import Any
 
@@ -38,6 +39,11 @@ from fedpriv.secagg import messages as secagg
 from fedpriv.secagg.messages import RECORD as SECAGG_RECORD
 
 logger = get_logger(__name__)
+
+# What is imported by now lives as long as the process: keep it out of the
+# garbage collector's passes. The last pass, at exit, would cost 0.4 s of CPU
+# after importing torch, in every fresh flwr-clientapp process of a deployment.
+gc.freeze()
 
 # Error codes of replies that carry no result (the server counts them as rejected).
 DATA_ERROR = 101

@@ -49,7 +49,7 @@ from fedpriv.checks import check_choice, check_delta, check_noise_multiplier, ch
 from fedpriv.logs import get_logger
 from fedpriv.opacus_logging import opacus_logging_contained
 from fedpriv.protocol import PRIVACY_REPLY_KEYS
-from fedpriv.training import make_optimizer
+from fedpriv.training import make_torch_optimizer
 
 logger = get_logger(__name__)
 
@@ -542,7 +542,7 @@ class OpacusTraining:
             engine.accountant.history = list(history)
             private = engine.make_private(
                 module=model,
-                optimizer=make_optimizer(
+                optimizer=make_torch_optimizer(
                     self.optimizer,
                     model.parameters(),
                     lr=self.lr,

@@ -46,7 +46,7 @@ from pathlib import Path
 from fedpriv.checks import check_bool, check_real
 from fedpriv.logs import get_logger
 from fedpriv.run_config import Scalar
-from fedpriv.simulation import stage_app
+from fedpriv.simulation import CLIENT_APP, SERVER_APP, stage_app
 
 logger = get_logger(__name__)
 
@@ -103,8 +103,17 @@ def flwr_json(args: list[str], *, env: dict[str, str], timeout: float = 120.0) -
         return {"success": False, "error-message": detail or f"exit code {result.returncode}"}
 
 
-def stage_deployment_app(run_config: dict[str, Scalar], directory: Path) -> Path:
+def stage_deployment_app(
+    run_config: dict[str, Scalar],
+    directory: Path,
+    *,
+    server_app: str = SERVER_APP,
+    client_app: str = CLIENT_APP,
+) -> Path:
     """Stage a Flower app folder for ``flwr run``: code packages plus ``pyproject.toml``.
+
+    ``server_app`` and ``client_app`` are the components the app names; a
+    module outside the packages must be copied into ``directory`` by the caller.
 
     Returns
     -------
@@ -122,7 +131,7 @@ def stage_deployment_app(run_config: dict[str, Scalar], directory: Path) -> Path
             directory / package,
             ignore=shutil.ignore_patterns("__pycache__", "*.pyc", "*.pyo"),
         )
-    stage_app(run_config, directory)
+    stage_app(run_config, directory, server_app=server_app, client_app=client_app)
     return directory
 
 
@@ -267,10 +276,24 @@ class DeploymentMode:
             num_supernodes,
         )
         with tempfile.TemporaryDirectory(prefix="fedpriv-deploy-") as tmp:
-            app_dir = stage_deployment_app(run_config, Path(tmp) / "app")
-            flwr_home = Path(tmp) / "flwr-home"
-            self.write_flwr_config(flwr_home)
-            env = self._env(flwr_home)
+            self.run_app(stage_deployment_app(run_config, Path(tmp) / "app"), num_supernodes=num_supernodes)
+
+    def run_app(self, app_dir: Path, *, num_supernodes: int) -> int:
+        """Submit the staged Flower app in ``app_dir`` to the SuperLink and wait for its run.
+
+        Returns
+        -------
+        int
+            The run id.
+
+        Raises
+        ------
+        RuntimeError
+            As :meth:`run`.
+        """
+        with tempfile.TemporaryDirectory(prefix="fedpriv-flwr-home-") as flwr_home:
+            self.write_flwr_config(Path(flwr_home))
+            env = self._env(Path(flwr_home))
             self._report_nodes(num_supernodes, env=env)
             run_id = self._submit(app_dir, env=env)
             started = time.monotonic()
@@ -287,6 +310,7 @@ class DeploymentMode:
                 + (f": {details}" if details else "")
             )
         logger.info("deployment: run %d finished (%s) in %.1fs", run_id, status, seconds)
+        return run_id
 
     def _report_nodes(self, expected: int, *, env: dict[str, str]) -> None:
         """Log how many SuperNodes are online (the run itself decides whether enough are)."""

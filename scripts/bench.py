@@ -25,6 +25,11 @@ load from other processes on the machine affects both sides alike:
    disease (IID over 10 clients) and digits; a plot goes next to ``--out``.
    ``--only local_dp`` runs it alone.
 
+Sections 9 to 11 measure secure aggregation, homomorphic encryption and
+compressed updates; section 12, deployment, the seconds per round of fedpriv
+on a local SuperLink with 4 SuperNodes against Flower's trivial app
+(``scripts/trivial_app.py``) on the same federation.
+
 The workload is MNIST-8k (the MNIST test file, 8,000 images for the clients,
 2,000 held out; CNN) with ``--mnist-root``, else scikit-learn's digits (MLP).
 ``--quick`` takes a few minutes; ``--smoke`` is the smallest setting, for tests.
@@ -68,7 +73,8 @@ from fedpriv.models import CNN28, MLP  # noqa: E402
 
 FLOWER_APPS = ("+mode.server_app=bench_apps:server_app", "+mode.client_app=bench_apps:client_app")
 SECTIONS = (
-    "overhead", "dp_step", "accounting", "flower", "scale", "memory", "utility", "local_dp", "secagg", "he", "compression"
+    "overhead", "dp_step", "accounting", "flower", "scale", "memory", "utility", "local_dp", "secagg", "he", "compression",
+    "deployment",
 )
 SAMPLED_PER_ROUND = 10
 
@@ -106,6 +112,8 @@ class Sizes:
         Run section 10 (needs TenSEAL).
     compression_rounds : int
         Rounds of each run of section 11 (0: skip it).
+    deployment_supernodes : tuple[int, ...]
+        Federation sizes of section 12 (empty: skip it).
     """
 
     clients: int
@@ -122,6 +130,7 @@ class Sizes:
     secagg_clients: tuple[int, ...]
     he: bool
     compression_rounds: int
+    deployment_supernodes: tuple[int, ...]
 
 
 SIZES = {
@@ -140,6 +149,7 @@ SIZES = {
         secagg_clients=(),
         he=False,
         compression_rounds=0,
+        deployment_supernodes=(),
     ),
     "quick": Sizes(
         clients=10,
@@ -156,6 +166,7 @@ SIZES = {
         secagg_clients=(10,),
         he=True,
         compression_rounds=5,
+        deployment_supernodes=(4,),
     ),
     "full": Sizes(
         clients=10,
@@ -172,6 +183,7 @@ SIZES = {
         secagg_clients=(10, 50),
         he=True,
         compression_rounds=20,
+        deployment_supernodes=(2, 4),
     ),
 }
 
@@ -927,6 +939,76 @@ def _plot_compression(rows: dict[str, Any], *, path: Path, rounds: int) -> None:
     plt.close(fig)
 
 
+# --- section 12: deployment round latency -----------------------------------------------------
+
+DEPLOYMENT_ROUNDS = 6
+DEPLOYMENT_REPEATS = 2
+TRIVIAL_APPS = {"flower_trivial": False, "flower_trivial_fast_polling": True}
+"""Flower's trivial app with Flower's own grid, and with fedpriv's polling grid."""
+
+
+def run_trivial_app(federation, *, shapes: list[list[int]], rounds: int, fast_polling: bool, work_dir: Path) -> list[float]:
+    """Run ``scripts/trivial_app.py`` on ``federation``; returns its seconds per round."""
+    import shutil
+
+    from fedpriv.deployment import DeploymentMode, stage_deployment_app
+
+    app_dir = work_dir / "app"
+    timings = work_dir / "timings.json"
+    run_config = {"shapes": json.dumps(shapes), "num-rounds": rounds, "timings-file": str(timings),
+                  "fast-polling": fast_polling}
+    stage_deployment_app(run_config, app_dir, server_app="trivial_app:server_app", client_app="trivial_app:client_app")
+    shutil.copy(SCRIPTS / "trivial_app.py", app_dir)
+    mode = DeploymentMode(address=federation.address, insecure=True, stream=False, timeout_seconds=60.0 * rounds)
+    mode.run_app(app_dir, num_supernodes=len(federation.supernode_pids))
+    return json.loads(timings.read_text())["round_seconds"]
+
+
+def deployment_round_seconds(supernodes: int, *, work_dir: Path) -> dict[str, Any]:
+    """Seconds per round of every app on one federation of ``supernodes`` SuperNodes."""
+    from fedpriv.federation import start_federation, stop_federation
+
+    shapes = [list(value.shape) for value in STEP_MODELS["mlp"][0]().state_dict().values()]
+    federation = start_federation(work_dir / "federation", supernodes)
+    runs: dict[str, list[float]] = {name: [] for name in (*TRIVIAL_APPS, "fedpriv")}
+    try:
+        for repeat in range(DEPLOYMENT_REPEATS):
+            for name, fast_polling in TRIVIAL_APPS.items():
+                seconds = run_trivial_app(federation, shapes=shapes, rounds=DEPLOYMENT_ROUNDS,
+                                          fast_polling=fast_polling, work_dir=work_dir / f"{name}_{repeat}")
+                runs[name] += seconds[1:]
+            run = run_federation([*workload_overrides(None), *federation.mode_overrides(), "mode.stream=false",
+                                  f"num_clients={supernodes}", f"num_rounds={DEPLOYMENT_ROUNDS}"],
+                                 out_dir=work_dir / f"fedpriv_{repeat}")
+            runs["fedpriv"] += run["round_seconds"][1:]
+    finally:
+        stop_federation(work_dir / "federation")
+    apps = {name: {"median_round_seconds": statistics.median(seconds), "min_round_seconds": min(seconds),
+                   "max_round_seconds": max(seconds), "rounds": len(seconds)} for name, seconds in runs.items()}
+    fedpriv = apps["fedpriv"]["median_round_seconds"]
+    return {
+        "apps": apps,
+        "ratio_to_flower_trivial": fedpriv / apps["flower_trivial"]["median_round_seconds"],
+        "ratio_to_flower_trivial_fast_polling": fedpriv / apps["flower_trivial_fast_polling"]["median_round_seconds"],
+    }
+
+
+def bench_deployment(*, supernodes: tuple[int, ...], work_dir: Path) -> dict[str, Any]:
+    """Section 12: seconds per deployment round, fedpriv (digits, MLP) against Flower's trivial app.
+
+    For each federation size, one local federation (plain HTTP) runs every
+    app ``DEPLOYMENT_REPEATS`` times for ``DEPLOYMENT_ROUNDS`` rounds,
+    interleaved, so load on the machine falls on all alike. The trivial app
+    sends arrays of the MLP's shapes. Each figure is over the rounds after
+    the first of every run (the first installs the app on the SuperNodes).
+    """
+    return {
+        "rounds_per_run": DEPLOYMENT_ROUNDS,
+        "runs_per_app": DEPLOYMENT_REPEATS,
+        **{f"{count} supernodes": deployment_round_seconds(count, work_dir=work_dir / f"supernodes_{count}")
+           for count in supernodes},
+    }
+
 # --- the report ---------------------------------------------------------------------------
 
 
@@ -1137,6 +1219,16 @@ def table_rows(sections: dict[str, Any]) -> list[tuple[str, str, str]]:
     for name, r in sections.get("compression", {}).get("runs", {}).items():
         rows.append((f"11 compression {name}: test accuracy, bytes up / none", f"{_fmt(r['test_accuracy'], 3)}, {_fmt(r['bytes_up_ratio'], 3)}",
                      f"goal for 8 bits: within 0.5 points at <= 0.25; {_fmt(r['bytes_up_total'] / 1e6, 1)} MB up"))
+    for name, s in sections.get("deployment", {}).items():
+        if not isinstance(s, dict) or "apps" not in s:
+            continue
+        apps = s["apps"]
+        rows.append((f"12 deployment seconds per round, {name}: fedpriv / Flower trivial app", _fmt(s["ratio_to_flower_trivial"]),
+                     f"goal <= 1.3 (4 SuperNodes); {_fmt(apps['fedpriv']['median_round_seconds'])}s vs "
+                     f"{_fmt(apps['flower_trivial']['median_round_seconds'])}s (median)"))
+        rows.append((f"12 the same, {name}, trivial app with fedpriv's reply polling",
+                     _fmt(s["ratio_to_flower_trivial_fast_polling"]),
+                     f"{_fmt(apps['flower_trivial_fast_polling']['median_round_seconds'])}s"))
     for name, section in sections.items():
         if isinstance(section, dict) and "error" in section:
             rows.append((f"{name}: FAILED", "-", section["error"].splitlines()[0]))
@@ -1211,6 +1303,8 @@ def run_sections(
             workload, rounds=sizes.compression_rounds, work_dir=work_dir,
             plot_path=plot_path.with_name(plot_path.name.replace("_local_dp", "_compression")),
         )))
+    if sizes.deployment_supernodes:
+        steps.append(("deployment", lambda: bench_deployment(supernodes=sizes.deployment_supernodes, work_dir=work_dir)))
     if only is not None:
         steps = [(name, step) for name, step in steps if name == only]
     for name, step in steps:

@@ -17,6 +17,7 @@ from fedpriv.datasets import (
     DatasetNotFoundError,
     Digits,
     FashionMNIST,
+    digits_arrays,
 )
 
 MNIST_MEAN, MNIST_STD = 0.1307, 0.3081
@@ -276,6 +277,19 @@ def test_digits_shapes_and_disjoint_stratified_split():
     class_sizes = np.bincount(reference.target)
     held_out = np.bincount(splits.test_y.numpy(), minlength=10)
     assert np.all(np.abs(held_out - 0.25 * class_sizes) <= 1)
+
+
+def test_digits_read_without_scikit_learn_equal_load_digits():
+    # Prepare
+    reference = load_digits()
+
+    # Execute
+    images, labels = digits_arrays()
+
+    # Assert
+    assert images.dtype == reference.images.dtype and labels.dtype == reference.target.dtype
+    np.testing.assert_array_equal(images, reference.images)
+    np.testing.assert_array_equal(labels, reference.target)
 
 
 def test_digits_split_is_deterministic_by_seed():

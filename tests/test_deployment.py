@@ -3,8 +3,8 @@
 The local launcher (fedpriv.federation, behind scripts/federation.py) starts the processes; every test
 stops them in a `finally` and checks that none of them (nor anything Flower
 spawned under them) is left running. Each message starts a `flwr-clientapp`
-process that imports torch, and Flower polls every 3 s, so a round takes
-about 15 s here.
+process that imports torch, and a SuperNode polls every 3 s, so a round takes
+about 10 s here.
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ from conftest import run_project_script, stop_and_assert_gone
 
 from fedpriv import federation
 from fedpriv.deployment import DeploymentMode
+from scripts import bench
 
 
 def run_experiment(tmp_path: Path, *overrides: str, name: str = "run") -> tuple[subprocess.CompletedProcess, Path]:
@@ -77,6 +78,14 @@ def test_two_rounds_on_a_local_insecure_federation_then_a_failing_run(tmp_path):
         # Assert
         assert failing.returncode == 3, failing.stdout[-2000:] + failing.stderr[-2000:]
         assert "finished:failed" in failing.stdout + failing.stderr
+
+        # Execute: the benchmark's floor, Flower's FedAvg with an echoing ClientApp, on the same federation
+        round_seconds = bench.run_trivial_app(
+            fed, shapes=[[3, 2], [2]], rounds=2, fast_polling=True, work_dir=tmp_path / "trivial"
+        )
+
+        # Assert
+        assert len(round_seconds) == 2 and all(seconds > 0 for seconds in round_seconds)
     finally:
         stop_and_assert_gone(directory, started)
 
