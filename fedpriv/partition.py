@@ -2,7 +2,7 @@
 
 Each partitioner is a frozen dataclass built by Hydra (``_target_`` plus fields) whose
 ``split`` hands the labels to the matching flwr-datasets partitioner and returns
-plain index arrays.
+plain index arrays (IID cuts flwr-datasets' shards itself, in one pass).
 """
 
 from __future__ import annotations
@@ -71,6 +71,16 @@ def _partition_indices(
     )
 
 
+def contiguous_shard_bounds(size: int, *, num_shards: int) -> np.ndarray:
+    """Bounds of ``datasets.Dataset.shard(num_shards, i, contiguous=True)`` for every ``i``.
+
+    Shard ``i`` is ``[bounds[i], bounds[i + 1])``; the first ``size % num_shards`` shards
+    have one more row.
+    """
+    shard = np.arange(num_shards + 1)
+    return (size // num_shards) * shard + np.minimum(shard, size % num_shards)
+
+
 @dataclass(frozen=True)
 class IID:
     """Uniformly random partition into near-equal parts (sizes differ by at most 1)."""
@@ -93,13 +103,13 @@ class IID:
             The clients' indices; nothing is dropped.
         """
         labels = _check_request(labels, num_partitions=num_partitions, seed=seed)
-        from flwr_datasets.partitioner import IidPartitioner
-
-        partitioner = IidPartitioner(num_partitions=int(num_partitions))
-        # IidPartitioner cuts contiguous shards and takes no seed: shuffle first.
-        partitioner.dataset = _label_dataset(labels).shuffle(seed=int(seed))
+        # flwr-datasets' IidPartitioner cuts contiguous shards of a dataset it does not
+        # shuffle. Its shards are cut here from the shuffled order in one pass: asking it for
+        # each partition costs milliseconds per client, 8 s per process at 10,000 clients.
+        shuffled = np.asarray(_label_dataset(labels).shuffle(seed=int(seed))["idx"], dtype=np.int64)
+        bounds = contiguous_shard_bounds(shuffled.size, num_shards=int(num_partitions))
         return Partitioning(
-            indices=_partition_indices(partitioner, num_partitions=int(num_partitions)),
+            indices=tuple(np.sort(shuffled[start:end]) for start, end in zip(bounds[:-1], bounds[1:])),
             dropped=np.empty(0, dtype=np.int64),
         )
 

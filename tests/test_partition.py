@@ -2,8 +2,10 @@
 
 import logging
 
+import datasets
 import numpy as np
 import pytest
+from flwr_datasets.partitioner import IidPartitioner
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -67,6 +69,24 @@ def test_same_seed_gives_same_partitioning(labels, partitioner, num_partitions, 
     # Assert
     assert _same(first, second)
     np.testing.assert_array_equal(first.dropped, second.dropped)
+
+
+@PROPERTY_SETTINGS
+@given(size=st.integers(1, 300), num_partitions=st.integers(1, 40), seed=st.integers(0, 2**31 - 1))
+def test_iid_equals_flwr_datasets_iid_partitioner_on_the_shuffled_pool(size, num_partitions, seed):
+    # Prepare
+    labels = np.arange(size) % 3
+    num_partitions = min(num_partitions, size)
+    reference = IidPartitioner(num_partitions=num_partitions)
+    reference.dataset = datasets.Dataset.from_dict({"label": labels, "idx": np.arange(size)}).shuffle(seed=seed)
+
+    # Execute
+    ours = IID().split(labels, num_partitions=num_partitions, seed=seed)
+
+    # Assert
+    expected = [np.sort(np.asarray(reference.load_partition(i)["idx"])) for i in range(num_partitions)]
+    assert len(ours.indices) == num_partitions
+    assert all(np.array_equal(a, b) for a, b in zip(ours.indices, expected))
 
 
 def test_iid_sizes_differ_by_at_most_one():
