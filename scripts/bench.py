@@ -326,14 +326,15 @@ def run_federation(overrides: list[str], *, out_dir: Path) -> dict[str, Any]:
 # --- section 1: overhead over the compute floor -----------------------------------------
 
 
-def compute_floor(overrides: list[str]) -> dict[str, Any]:
+def compute_floor(overrides: list[str], *, workers: int = 1) -> dict[str, Any]:
     """The federation's work without Flower: every client's local round, then FedAvg and evaluation.
 
     The same local training (``experiment.client.fit``) on the same partitions
-    and the same server evaluation, in one process on one thread, as each
-    simulated client trains (with two threads the small models here run
-    slower, and much slower when other processes load the cores). Full
-    participation and the plain strategy only.
+    and the same server evaluation. ``workers`` processes train a round's
+    clients in parallel, one thread each, as the simulation's Ray actors do
+    (one actor per ``mode.client_num_cpus`` of the machine's cores, each with
+    one thread); with ``workers=1`` this process trains them itself.
+    Full participation and the plain strategy only.
 
     Returns
     -------
@@ -341,61 +342,98 @@ def compute_floor(overrides: list[str]) -> dict[str, Any]:
         ``setup_seconds`` (config, data, partitions), ``round_seconds`` and
         the final ``test_accuracy``.
     """
-    from fedpriv.compose import compose_config
-    from fedpriv.experiment import client_examples, load_experiment
     from fedpriv.training import evaluate
+    from strategies.aggregation import weighted_average
 
-    torch.set_num_threads(1)
     start = time.perf_counter()
-    experiment = load_experiment(compose_config(overrides))
+    experiment, _ = _floor_clients(overrides)
     settings = experiment.settings
     if experiment.strategy_config.get("fraction_train", 1.0) != 1.0:
         raise ValueError("the compute floor assumes every client trains in every round")
     splits = experiment.dataset.load()
-    data = [
-        client_examples(experiment, partition_id=i, num_partitions=settings.num_clients)
-        for i in range(settings.num_clients)
-    ]
     torch.manual_seed(settings.seed)
     model = experiment.build_model()
     setup = time.perf_counter() - start
     round_seconds, accuracy = [], None
-    for server_round in range(1, settings.num_rounds + 1):
-        start = time.perf_counter()
-        model.load_state_dict(_fedavg_round(experiment, model.state_dict(), data, server_round=server_round))
-        _, accuracy = evaluate(model, splits.test_x, splits.test_y)
-        round_seconds.append(time.perf_counter() - start)
-    return {"setup_seconds": setup, "round_seconds": round_seconds, "test_accuracy": accuracy}
+    with _floor_pool(overrides, workers=workers) as pool:
+        for server_round in range(1, settings.num_rounds + 1):
+            start = time.perf_counter()
+            global_state = {name: value.numpy() for name, value in model.state_dict().items()}
+            jobs = [(global_state, partition_id, server_round) for partition_id in range(settings.num_clients)]
+            trained = list(pool.map(_floor_client_round, jobs)) if pool else [_floor_client_round(job) for job in jobs]
+            averaged = weighted_average([arrays for arrays, _ in trained], [weight for _, weight in trained])
+            model.load_state_dict({name: torch.from_numpy(value) for name, value in zip(global_state, averaged, strict=True)})
+            _, accuracy = evaluate(model, splits.test_x, splits.test_y)
+            round_seconds.append(time.perf_counter() - start)
+    return {"setup_seconds": setup, "round_seconds": round_seconds, "test_accuracy": accuracy, "workers": workers}
 
 
-def _fedavg_round(experiment, global_state: dict, data: list, *, server_round: int) -> dict:
-    """Train every client from ``global_state`` as the ClientApp does; return the server's average."""
+_FLOOR: dict[str, Any] = {}
+"""This process's experiment and client data, for :func:`_floor_client_round`."""
+
+
+def _floor_clients(overrides: list[str]) -> tuple[Any, list]:
+    """Build the experiment and every client's examples once per process (as a Ray actor caches them)."""
+    from fedpriv.compose import compose_config
+    from fedpriv.experiment import client_examples, load_experiment
+
+    torch.set_num_threads(1)
+    if _FLOOR.get("overrides") != overrides:
+        experiment = load_experiment(compose_config(overrides))
+        num_clients = experiment.settings.num_clients
+        data = [client_examples(experiment, partition_id=i, num_partitions=num_clients) for i in range(num_clients)]
+        _FLOOR.update(overrides=overrides, experiment=experiment, data=data)
+    return _FLOOR["experiment"], _FLOOR["data"]
+
+
+def _floor_pool(overrides: list[str], *, workers: int):
+    """``workers`` fresh processes that have built the experiment, or a null context for one."""
+    import contextlib
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    if workers == 1:
+        return contextlib.nullcontext()
+    return ProcessPoolExecutor(
+        max_workers=workers, mp_context=multiprocessing.get_context("spawn"),
+        initializer=_floor_clients, initargs=(overrides,),
+    )
+
+
+def _floor_client_round(job: tuple[dict, int, int]) -> tuple[list[np.ndarray], int]:
+    """Train client ``partition_id`` from ``global_state`` as the ClientApp does; its arrays and weight."""
     from flwr.app import RecordDict
 
     from clients.client_app import training_seed
-    from strategies.aggregation import weighted_average
 
-    models, weights = [], []
-    for partition_id, (x, y) in enumerate(data):
-        local = experiment.build_model()
-        local.load_state_dict(global_state)
-        outcome = experiment.client.fit(
-            local,
-            x,
-            y,
-            seed=training_seed(experiment=experiment, server_round=server_round, partition_id=partition_id),
-            state=RecordDict(),
-            planned_rounds=experiment.settings.num_rounds,
-        )
-        models.append([value.numpy() for value in local.state_dict().values()])
-        weights.append(outcome.num_examples)
-    averaged = weighted_average(models, weights)
-    return {name: torch.from_numpy(value) for name, value in zip(global_state, averaged, strict=True)}
+    global_state, partition_id, server_round = job
+    experiment = _FLOOR["experiment"]
+    x, y = _FLOOR["data"][partition_id]
+    local = experiment.build_model()
+    local.load_state_dict({name: torch.from_numpy(value) for name, value in global_state.items()})
+    outcome = experiment.client.fit(
+        local,
+        x,
+        y,
+        seed=training_seed(experiment=experiment, server_round=server_round, partition_id=partition_id),
+        state=RecordDict(),
+        planned_rounds=experiment.settings.num_rounds,
+    )
+    return [value.numpy() for value in local.state_dict().values()], outcome.num_examples
 
 
-def run_floor(overrides: list[str], *, cwd: Path) -> dict[str, Any]:
+def simulation_workers(overrides: list[str]) -> int:
+    """How many clients the simulation trains at once: one Ray actor per ``mode.client_num_cpus`` cores."""
+    from fedpriv.compose import compose_config
+
+    per_client = float(compose_config(overrides)["mode"]["client_num_cpus"])
+    return max(1, int((os.cpu_count() or 1) // per_client))
+
+
+def run_floor(overrides: list[str], *, workers: int, cwd: Path) -> dict[str, Any]:
     """:func:`compute_floor` in a fresh process, as the simulation runs; plus its wall time."""
-    measured = run_measured([str(SCRIPTS / "bench.py"), "--floor", json.dumps(overrides)], cwd=cwd)
+    request = json.dumps({"overrides": overrides, "workers": workers})
+    measured = run_measured([str(SCRIPTS / "bench.py"), "--floor", request], cwd=cwd)
     floor = json.loads(measured.pop("output").strip().splitlines()[-1])
     return {**measured, **floor}
 
@@ -404,7 +442,7 @@ def bench_overhead(workload: list[str], *, sizes: Sizes, work_dir: Path) -> dict
     """Section 1: a fedpriv simulation over the compute floor of the same work."""
     overrides = [*workload, f"num_clients={sizes.clients}", f"num_rounds={sizes.rounds}", "client.local_epochs=1"]
     federation = run_federation(overrides, out_dir=work_dir / "overhead")
-    floor = run_floor(overrides, cwd=work_dir)
+    floor = run_floor(overrides, workers=simulation_workers(overrides), cwd=work_dir)
     fed_rounds, floor_rounds = federation["round_seconds"], floor["round_seconds"]
     steady = slice(1, None) if len(fed_rounds) > 1 else slice(None)
     return {
@@ -423,6 +461,7 @@ def bench_overhead(workload: list[str], *, sizes: Sizes, work_dir: Path) -> dict
         "peak_pss_mib": federation["peak_pss_mib"],
         "peak_rss_sum_mib": federation["peak_rss_sum_mib"],
         "floor_peak_pss_mib": floor["peak_pss_mib"],
+        "floor_workers": floor["workers"],
     }
 
 
@@ -1327,10 +1366,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--mnist-root", type=Path, help="folder with the MNIST test file (else digits)")
     parser.add_argument("--out", type=Path, default=Path("bench.json"), help="where to write the figures")
     parser.add_argument("--only", choices=SECTIONS, help="run this one section")
-    parser.add_argument("--floor", help=argparse.SUPPRESS)  # internal: run compute_floor(JSON overrides)
+    parser.add_argument("--floor", help=argparse.SUPPRESS)  # internal: compute_floor on {"overrides", "workers"}
     args = parser.parse_args(argv)
     if args.floor is not None:
-        print(json.dumps(compute_floor(json.loads(args.floor))))
+        request = json.loads(args.floor)
+        print(json.dumps(compute_floor(request["overrides"], workers=request["workers"])))
         return 0
     mode = "smoke" if args.smoke else "quick" if args.quick else "full"
     start = time.perf_counter()

@@ -6,6 +6,7 @@ No timing is asserted: only that every figure is produced and well formed.
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -75,17 +76,26 @@ def test_peak_memory_counts_grandchildren(tmp_path):
     assert memory.peak_rss_mib >= memory.peak_pss_mib
 
 
-def test_compute_floor_trains_and_evaluates_every_round():
+def test_compute_floor_trains_and_evaluates_every_round_alike_in_one_process_or_two_workers():
     # Prepare
-    overrides = ["num_clients=2", "num_rounds=2", "client.local_epochs=1"]
+    overrides = ["num_clients=3", "num_rounds=2", "client.local_epochs=1"]
 
     # Execute
-    floor = bench.compute_floor(overrides)
+    alone = bench.compute_floor(overrides)
+    parallel = bench.compute_floor(overrides, workers=2)
 
     # Assert
-    assert len(floor["round_seconds"]) == 2
-    assert floor["setup_seconds"] > 0
-    assert 0.0 <= floor["test_accuracy"] <= 1.0
+    assert len(alone["round_seconds"]) == len(parallel["round_seconds"]) == 2
+    assert alone["setup_seconds"] > 0 and parallel["workers"] == 2
+    assert 0.0 <= alone["test_accuracy"] <= 1.0
+    assert parallel["test_accuracy"] == alone["test_accuracy"]
+
+
+def test_the_floor_trains_as_many_clients_at_once_as_the_simulation():
+    # Execute / Assert
+    cores = os.cpu_count() or 1
+    assert bench.simulation_workers(["mode.client_num_cpus=1"]) == max(1, cores)
+    assert bench.simulation_workers([f"mode.client_num_cpus={cores * 2}"]) == 1
 
 
 # Flower's example makes an engine without secure_mode and trains a first layer
