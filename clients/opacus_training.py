@@ -31,25 +31,28 @@ import logging
 import math
 import secrets
 import warnings
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from numbers import Integral
-from typing import ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
 import torch
-from flwr.app import ConfigRecord, RecordDict
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 from torch.utils.data._utils.collate import default_collate
 
 from clients.plain import TrainOutcome, check_training_settings
-from clients.privacy_state import STATE_KEY, PrivacyBudgetExhausted
+from clients.privacy_state import PrivacyBudgetExhausted, store_ledger, stored_ledger
 from fedpriv.checks import check_choice, check_delta, check_noise_multiplier, check_real
+from fedpriv.devices import client_device
 from fedpriv.logs import get_logger
 from fedpriv.opacus_logging import opacus_logging_contained
 from fedpriv.protocol import PRIVACY_REPLY_KEYS
 from fedpriv.training import make_torch_optimizer
+
+if TYPE_CHECKING:
+    from flwr.app import RecordDict
 
 logger = get_logger(__name__)
 
@@ -201,11 +204,16 @@ def poisson_loader(
     return DataLoader(TensorDataset(x, y), batch_sampler=sampler, collate_fn=collate)
 
 
-def _generators(seed: int | None) -> tuple[torch.Generator, torch.Generator, np.random.Generator]:
+def _generators(
+    seed: int | None, *, device: torch.device
+) -> tuple[torch.Generator, torch.Generator, np.random.Generator]:
     """Generators for Poisson batches, gradient noise and the count's noise.
 
     ``None`` seeds each from 64 (torch) or 128 (numpy) bits of fresh operating
-    system entropy that are never stored, so nobody can replay the noise.
+    system entropy that are never stored, so nobody can replay the noise. The
+    gradient noise's generator is on ``device``, where Opacus draws the noise
+    (next to the gradients); the Poisson batches are drawn on the CPU, where
+    the examples wait, so they do not depend on the device.
     """
     if seed is None:
         seeds = [secrets.randbits(64), secrets.randbits(64), secrets.randbits(128)]
@@ -213,7 +221,7 @@ def _generators(seed: int | None) -> tuple[torch.Generator, torch.Generator, np.
         seeds = [int(s) for s in np.random.SeedSequence(seed).generate_state(3, dtype=np.uint64)]
     return (
         torch.Generator().manual_seed(seeds[0]),
-        torch.Generator().manual_seed(seeds[1]),
+        torch.Generator(device=device).manual_seed(seeds[1]),
         np.random.default_rng(seeds[2]),
     )
 
@@ -273,6 +281,10 @@ class OpacusTraining:
     max_epsilon : float or None
         Record-level budget: a round that would take the client's epsilon
         above it is declined with :class:`PrivacyBudgetExhausted`.
+    device : str
+        ``auto`` (the GPU Ray assigned to this client, else the CPU), ``cpu``
+        or ``cuda``: where the model, the batches and the gradient noise are
+        (see :mod:`fedpriv.devices`).
     """
 
     privacy_level: ClassVar[str | None] = "record"
@@ -292,6 +304,7 @@ class OpacusTraining:
     grad_sample_mode: str = "ew"
     count_noise_multiplier: float = 10.0
     max_epsilon: float | None = None
+    device: str = "auto"
 
     def __post_init__(self) -> None:
         """Validate the settings."""
@@ -365,7 +378,7 @@ class OpacusTraining:
         y: torch.Tensor,
         *,
         seed: int | None,
-        state: RecordDict,
+        state: RecordDict | dict,
         planned_rounds: int = 1,
     ) -> TrainOutcome:
         """Train ``model`` in place with DP-SGD on ``(x, y)`` for one round.
@@ -381,10 +394,11 @@ class OpacusTraining:
             ``None``: Poisson sampling and all noise draw from the operating
             system (private). An integer makes them reproducible, which voids
             the guarantee (tests and ``seeded_noise=true`` only).
-        state : flwr.app.RecordDict
+        state : flwr.app.RecordDict or dict
             The node's persistent state; the ledger (accountant history and
             the released size) is read from and written to its
-            ``"fedpriv.privacy"`` ``ConfigRecord``.
+            ``"fedpriv.privacy"`` ``ConfigRecord`` (a plain ``dict`` serves
+            where Flower is absent, see :mod:`clients.privacy_state`).
         planned_rounds : int, default 1
             Rounds in the run; used to solve the noise multiplier for
             ``target_epsilon``.
@@ -407,7 +421,8 @@ class OpacusTraining:
             (the decision depends on it, so it is accounted).
         ValueError
             If the model has layers Opacus cannot train, ``target_delta`` is
-            not below ``1 / n~`` or ``target_epsilon`` is unreachable.
+            not below ``1 / n~``, ``target_epsilon`` is unreachable or
+            ``device=cuda`` finds no GPU; ``state`` is untouched by the last.
         """
         n = len(y)
         if n == 0:
@@ -418,19 +433,20 @@ class OpacusTraining:
             or planned_rounds < 1
         ):
             raise ValueError(f"planned_rounds={planned_rounds!r}: must be an integer >= 1")
+        device = client_device(self.device)
         model.train()
         _check_model(model)
-        batch_generator, noise_generator, count_rng = _generators(seed)
+        batch_generator, noise_generator, count_rng = _generators(seed, device=device)
 
         ledger = _new_ledger(self.accountant)
-        record = state.config_records.get(STATE_KEY)
+        record = stored_ledger(state)
         if record is None:
             count = noisy_count(n, noise_multiplier=self.count_noise_multiplier, rng=count_rng)
             ledger.record(noise_multiplier=self.count_noise_multiplier, sample_rate=COUNT_SAMPLE_RATE)
             # Accounted the moment it exists: every later decision (delta,
             # sampling, declining, even an error) depends on it.
             record = _ledger_record(ledger, count=count)
-            state[STATE_KEY] = record
+            store_ledger(state, record)
             logger.info("client released its size n~=%.0f", count)
         else:
             count = float(record["noisy_count"])
@@ -448,7 +464,7 @@ class OpacusTraining:
         )
         if "noise_multiplier" not in record:
             logger.info("client: target_delta=%.3g, noise_multiplier=%.4g", delta, noise_multiplier)
-            state[STATE_KEY] = _ledger_record(ledger, count=count, noise_multiplier=noise_multiplier)
+            store_ledger(state, _ledger_record(ledger, count=count, noise_multiplier=noise_multiplier))
         release = {"noise_multiplier": noise_multiplier, "sample_rate": sample_rate, "steps": round_steps}
         over = ledger.epsilon_if_over(max_epsilon=self.max_epsilon, delta=delta, **release)
         if over is not None:
@@ -462,9 +478,8 @@ class OpacusTraining:
 
         trained = self._train(
             model,
-            x,
-            y,
             loader=poisson_loader(x, y, batches=steps_per_epoch, generator=batch_generator),
+            device=device,
             expected_batch_size=count / steps_per_epoch,
             noise_generator=noise_generator,
             history=ledger.history,
@@ -476,7 +491,7 @@ class OpacusTraining:
                 "the round's update is withheld"
             )
         epsilon = projected.epsilon(delta)
-        state[STATE_KEY] = _ledger_record(projected, count=count, noise_multiplier=noise_multiplier)
+        store_ledger(state, _ledger_record(projected, count=count, noise_multiplier=noise_multiplier))
         # Without noise epsilon is infinite: there is no claim to report, and
         # the server refuses non-finite metrics.
         epsilon_key, delta_key = PRIVACY_REPLY_KEYS["record"]
@@ -492,7 +507,7 @@ class OpacusTraining:
 
     def _noise_multiplier(
         self,
-        record: ConfigRecord,
+        record: Mapping[str, Any],
         *,
         history: list,
         delta: float,
@@ -523,20 +538,23 @@ class OpacusTraining:
     def _train(
         self,
         model: nn.Module,
-        x: torch.Tensor,
-        y: torch.Tensor,
         *,
         loader: DataLoader,
+        device: torch.device,
         expected_batch_size: float,
         noise_generator: torch.Generator,
         history: list,
         noise_multiplier: float,
     ) -> list:
-        """One round of DP-SGD; returns Opacus' new accountant history."""
+        """One round of DP-SGD on ``device``; returns Opacus' new accountant history.
+
+        The model comes back on the CPU, where its reply is built.
+        """
         with opacus_logging_contained():
             from opacus import PrivacyEngine
 
         ghost = self.grad_sample_mode == "ghost"
+        model.to(device)
         with _opacus_chatter_silenced():
             engine = PrivacyEngine(accountant=self.accountant)
             engine.accountant.history = list(history)
@@ -570,7 +588,7 @@ class OpacusTraining:
                         if len(batch_y) == 0:
                             _stage_empty_batch(optimizer, ghost=ghost)
                         else:
-                            criterion(module(batch_x), batch_y).backward()
+                            criterion(module(batch_x.to(device)), batch_y.to(device)).backward()
                         optimizer.step()
             finally:
                 optimizer.zero_grad(set_to_none=True)
@@ -578,6 +596,7 @@ class OpacusTraining:
                 for param in model.parameters():
                     if hasattr(param, "summed_grad"):
                         del param.summed_grad
+                model.to("cpu")
         return list(engine.accountant.history)
 
 
@@ -595,10 +614,10 @@ def _use_public_batch_size(optimizer, expected_batch_size: float) -> None:
     optimizer.expected_batch_size = expected_batch_size
 
 
-def _ledger_record(ledger, *, count: float, noise_multiplier: float | None = None) -> ConfigRecord:
-    """The client's ledger as stored in ``context.state`` and on disk.
+def _ledger_record(ledger, *, count: float, noise_multiplier: float | None = None) -> dict[str, Any]:
+    """The client's ledger as stored in ``context.state`` (:func:`clients.privacy_state.store_ledger`) and on disk.
 
     ``noise_multiplier`` is left out until it is known (solved for a target).
     """
     solved = {} if noise_multiplier is None else {"noise_multiplier": noise_multiplier}
-    return ConfigRecord({**ledger.state_dict(), "noisy_count": count, **solved})
+    return {**ledger.state_dict(), "noisy_count": count, **solved}
