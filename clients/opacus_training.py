@@ -59,6 +59,44 @@ logger = get_logger(__name__)
 GRAD_SAMPLE_MODES = ("hooks", "functorch", "ew", "ghost")
 """Opacus per-sample-gradient implementations that train fedpriv's models."""
 
+AUTO = "auto"
+"""``client.grad_sample_mode=auto``: :func:`auto_grad_sample_mode` picks one of :data:`GRAD_SAMPLE_MODES`."""
+
+# CUDA, measured by the issue's reporter on an H200 (cnn28, Opacus 1.6, torch
+# 2.11), not by us: ew is best at batch 64 (3.3 against hooks' 3.7), hooks from
+# 256 on (4.4 and 2.1 against ew's 6.4 and 5.8); the switch is at the geometric
+# middle, 128. Dense models were not measured there and take the CNN's choices.
+_CUDA_MODES = ((128, "ew"), (math.inf, "hooks"))
+AUTO_GRAD_SAMPLE_MODES: dict[str, dict[str, tuple[tuple[float, str], ...]]] = {
+    # Per device type and model kind (convolutional or not), (largest expected
+    # batch size, mode) from small batches to large: the mode with the lowest
+    # DP-step / plain-step ratio of scripts/bench.py, section 3, at batch 64,
+    # 256 and 1024 (the README's GPUs section has the figures).
+    # CPU, measured here (2 cores, one thread per client, the median of three
+    # runs): for the CNN ew (2.23, 1.92, 2.28) against hooks (2.17, 1.89, 2.73),
+    # ghost and functorch; for the MLP ghost (5.43, 5.10, 3.30) against ew
+    # (5.84, 9.95, 30.3) and hooks: ghost clipping gets a dense layer's
+    # per-example gradient norms without forming the gradients, which on a CPU
+    # cost more than the rest of the step.
+    "cpu": {"conv": ((math.inf, "ew"),), "dense": ((math.inf, "ghost"),)},
+    "cuda": {"conv": _CUDA_MODES, "dense": _CUDA_MODES},
+}
+
+_CONVOLUTIONS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+# The layers PyTorch's expanded weights (grad_sample_mode=ew) compute per-example
+# gradients of; a trainable layer of any other type makes ew fail, while hooks
+# (with functorch for unknown layers) takes every model Opacus' validator accepts.
+_EXPANDED_WEIGHTS_LAYERS = (
+    nn.Linear,
+    *_CONVOLUTIONS,
+    nn.Embedding,
+    nn.GroupNorm,
+    nn.LayerNorm,
+    nn.InstanceNorm1d,
+    nn.InstanceNorm2d,
+    nn.InstanceNorm3d,
+)
+
 DEFAULT_TARGET_DELTA = 1e-5
 """Upper end of the default ``target_delta``; see :class:`OpacusTraining`."""
 
@@ -142,6 +180,46 @@ def _stage_empty_batch(optimizer, *, ghost: bool) -> None:
             param.grad = torch.zeros_like(param)
         else:
             param.grad_sample = param.new_zeros((0, *param.shape))
+
+
+def auto_grad_sample_mode(*, device_type: str, batch_size: int, model: nn.Module) -> str:
+    """The per-example-gradient implementation ``grad_sample_mode=auto`` trains ``model`` with.
+
+    Parameters
+    ----------
+    device_type : str
+        ``cpu`` or ``cuda`` (a ``torch.device``'s ``type``); any other device
+        gets the CPU's choice.
+    batch_size : int
+        The expected batch size (``client.batch_size``).
+    model : nn.Module
+        The model to train; only its layer types are read.
+
+    Returns
+    -------
+    str
+        The first mode of :data:`AUTO_GRAD_SAMPLE_MODES` for the device and
+        the model's kind (``conv`` with a convolution layer, else ``dense``)
+        whose batch size bound covers ``batch_size``; ``hooks`` instead of
+        ``ew`` for a model with a trainable layer that expanded weights cannot
+        handle, so the pick never fails where another mode would train
+        (``hooks`` and ``ghost`` fall back to functorch for such layers).
+    """
+    by_kind = AUTO_GRAD_SAMPLE_MODES.get(device_type, AUTO_GRAD_SAMPLE_MODES["cpu"])
+    kind = "conv" if any(isinstance(module, _CONVOLUTIONS) for module in model.modules()) else "dense"
+    mode = next(mode for largest, mode in by_kind[kind] if batch_size <= largest)
+    if mode == "ew" and not _expanded_weights_cover(model):
+        return "hooks"
+    return mode
+
+
+def _expanded_weights_cover(model: nn.Module) -> bool:
+    """Whether every module that holds trainable parameters of its own is an expanded-weights layer."""
+    return all(
+        isinstance(module, _EXPANDED_WEIGHTS_LAYERS)
+        for module in model.modules()
+        if any(param.requires_grad for param in module.parameters(recurse=False))
+    )
 
 
 def noisy_count(n: int, *, noise_multiplier: float, rng: np.random.Generator) -> float:
@@ -271,9 +349,10 @@ class OpacusTraining:
         ``prv`` (tight, default) or ``rdp``.
     grad_sample_mode : str
         Opacus per-sample-gradient implementation: ``ew`` (PyTorch's expanded
-        weights, the fastest on fedpriv's models, see
-        ``scripts/bench.py``, section 3), ``hooks``, ``functorch`` or
-        ``ghost`` (ghost clipping). All give the same update.
+        weights, the fastest on fedpriv's models on a CPU, see
+        ``scripts/bench.py``, section 3), ``hooks``, ``functorch``, ``ghost``
+        (ghost clipping), or ``auto``, picked by device and batch size
+        (:func:`auto_grad_sample_mode`). All give the same update.
     count_noise_multiplier : float
         Standard deviation of the Gaussian noise on the released data set
         size, ``>= 1`` (10 costs about 0.01 epsilon next to a DP-SGD epsilon
@@ -323,13 +402,19 @@ class OpacusTraining:
         check_real("client.max_grad_norm", self.max_grad_norm, above=0.0, maximum=_MAX_GRAD_NORM)
         if self.target_delta is not None:
             check_delta("client.target_delta", self.target_delta)
-        check_choice("client.grad_sample_mode", self.grad_sample_mode, GRAD_SAMPLE_MODES)
+        check_choice("client.grad_sample_mode", self.grad_sample_mode, (*GRAD_SAMPLE_MODES, AUTO))
         # Below the count's sensitivity (1) the release costs epsilon > 4 at
         # delta 1e-5 and the accountants' numerics break down.
         check_real("client.count_noise_multiplier", self.count_noise_multiplier, minimum=1.0, maximum=_MAX_COUNT_NOISE)
         if self.max_epsilon is not None:
             check_real("client.max_epsilon", self.max_epsilon, above=0.0)
         check_choice("client.accountant", self.accountant, _accounting().ACCOUNTANTS)
+
+    def grad_sample_mode_for(self, model: nn.Module, *, device: torch.device) -> str:
+        """The mode ``model`` trains with on ``device``: ``grad_sample_mode``, or what ``auto`` picks."""
+        if self.grad_sample_mode != AUTO:
+            return self.grad_sample_mode
+        return auto_grad_sample_mode(device_type=device.type, batch_size=self.batch_size, model=model)
 
     def target_delta_for(self, count: float) -> float:
         """The delta of a client of (noisy) size ``count``.
@@ -553,7 +638,8 @@ class OpacusTraining:
         with opacus_logging_contained():
             from opacus import PrivacyEngine
 
-        ghost = self.grad_sample_mode == "ghost"
+        mode = self.grad_sample_mode_for(model, device=device)
+        ghost = mode == "ghost"
         model.to(device)
         with _opacus_chatter_silenced():
             engine = PrivacyEngine(accountant=self.accountant)
@@ -573,7 +659,7 @@ class OpacusTraining:
                 max_grad_norm=self.max_grad_norm,
                 # The loader already samples Poisson batches (poisson_loader).
                 poisson_sampling=False,
-                grad_sample_mode=self.grad_sample_mode,
+                grad_sample_mode=mode,
                 noise_generator=noise_generator,
             )
             if ghost:
