@@ -184,12 +184,13 @@ def test_bad_device_settings_are_refused_naming_key_and_value(overrides, message
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without a CUDA GPU")
 def test_cuda_on_a_machine_without_a_gpu_is_refused_before_a_simulation_starts():
     # Prepare
+    clients_on_cuda = load_experiment(compose_config(["client.device=cuda"]))
     server_on_cuda = load_experiment(compose_config(["server_device=cuda"]))
 
     # Execute
     result = run_project_script("run.py", "client.device=cuda", cwd=REPO, timeout=120)
 
-    # Assert: one line, exit 2
+    # Assert: one line, exit 2; on a Ray cluster the clients' GPUs are the cluster's
     assert result.returncode == 2
     lines = [line for line in result.stderr.splitlines() if line.strip()]
     assert lines == [
@@ -197,6 +198,7 @@ def test_cuda_on_a_machine_without_a_gpu_is_refused_before_a_simulation_starts()
     ], result.stderr
     with pytest.raises(ConfigError, match=r"^server_device='cuda'"):
         check_runnable(server_on_cuda, mode=SimulationMode())
+    check_runnable(clients_on_cuda, mode=SimulationMode(ray_address="127.0.0.1:6379"))
 
 
 @needs_gpu
