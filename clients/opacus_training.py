@@ -74,7 +74,8 @@ AUTO_GRAD_SAMPLE_MODES: dict[str, dict[str, tuple[tuple[float, str], ...]]] = {
     # 256 and 1024 (the README's GPUs section has the figures).
     # CPU, measured here (2 cores, one thread per client, the median of three
     # runs): for the CNN ew (2.23, 1.92, 2.28) against hooks (2.17, 1.89, 2.73),
-    # ghost and functorch; for the MLP ghost (5.43, 5.10, 3.30) against ew
+    # ghost and functorch, within 3% of hooks where the runs spread by more and
+    # 16% below it at 1024; for the MLP ghost (5.43, 5.10, 3.30) against ew
     # (5.84, 9.95, 30.3) and hooks: ghost clipping gets a dense layer's
     # per-example gradient norms without forming the gradients, which on a CPU
     # cost more than the rest of the step.

@@ -6,8 +6,8 @@ otherwise stays on the CPU: a simulated client uses the GPU Ray assigned to
 its actor (``mode.client_num_gpus > 0``), a client without Ray (a SuperNode's
 ``flwr-clientapp``) has none assigned, and the server counts every GPU its
 process sees. ``cuda`` asks for a GPU whatever was assigned and fails where
-there is none. :func:`resolve_device` is the rule, a pure function; the other
-two functions feed it what this process sees.
+there is none. :func:`resolve_device` is the rule, a pure function;
+:func:`client_device` and :func:`server_device` feed it what this process sees.
 """
 
 from __future__ import annotations
