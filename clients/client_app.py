@@ -20,6 +20,7 @@ from clients import he_client
 from clients.node_state import node_state_path, restore_node_state, save_node_state
 from clients.privacy_state import STATE_KEY, PrivacyBudgetExhausted
 from fedpriv.compression import PAYLOAD, RESIDUAL_RECORD
+from fedpriv.devices import client_device
 from fedpriv.experiment import client_examples, experiment_from_run_config
 from fedpriv.flat import flat_vector
 from fedpriv.logs import get_logger
@@ -51,6 +52,7 @@ TRAIN_ERROR = 102
 EVALUATE_REFUSED = 103
 SECURE_REFUSED = 104
 KEY_ERROR = 105
+DEVICE_ERROR = 106
 PRIVACY_METRIC_KEYS = frozenset(
     {key for keys in PRIVACY_REPLY_KEYS.values() for key in keys} | {LOCAL_BASIC_EPSILON_KEY}
 )
@@ -440,7 +442,11 @@ def evaluate(msg: Message, context: Context) -> Message:
             code=EVALUATE_REFUSED,
             reason="a private client (record-level or local DP) does not release exact evaluation metrics",
         )
-    scores = dataset_metrics(model, x, y, dataset=experiment.dataset)
+    try:
+        device = client_device(experiment.client.device)
+    except ValueError as exc:
+        return _error_reply(msg, code=DEVICE_ERROR, reason=str(exc))
+    scores = dataset_metrics(model.to(device), x.to(device), y.to(device), dataset=experiment.dataset)
     # eval_loss, eval_accuracy and, for a binary task, eval_auc (when both classes
     # are present here), eval_balanced_accuracy and eval_cost.
     metrics = {

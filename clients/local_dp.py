@@ -23,18 +23,20 @@ from __future__ import annotations
 
 import secrets
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import TYPE_CHECKING, ClassVar
 
 import numpy as np
 import torch
-from flwr.app import ConfigRecord, RecordDict
 from torch import nn
 
 from clients.plain import PlainTraining, TrainOutcome
-from clients.privacy_state import STATE_KEY, PrivacyBudgetExhausted
+from clients.privacy_state import PrivacyBudgetExhausted, store_ledger, stored_ledger
 from fedpriv.checks import check_choice, check_delta, check_real
 from fedpriv.logs import get_logger
 from fedpriv.protocol import LOCAL_BASIC_EPSILON_KEY, PRIVACY_REPLY_KEYS
+
+if TYPE_CHECKING:
+    from flwr.app import RecordDict
 
 logger = get_logger(__name__)
 
@@ -120,7 +122,7 @@ class LocalDPTraining(PlainTraining):
         y: torch.Tensor,
         *,
         seed: int | None,
-        state: RecordDict,
+        state: RecordDict | dict,
         planned_rounds: int = 1,
     ) -> TrainOutcome:
         """Train ``model`` on ``(x, y)``, then replace its weights by received + privatized update.
@@ -155,7 +157,7 @@ class LocalDPTraining(PlainTraining):
             If the model holds non-floating-point state, which could not be noised.
         """
         ledger = self.new_ledger()
-        record = state.config_records.get(STATE_KEY)
+        record = stored_ledger(state)
         if record is not None:
             if record.get("mechanism") != self.mechanism:
                 raise ValueError(
@@ -184,7 +186,7 @@ class LocalDPTraining(PlainTraining):
             {name: torch.from_numpy(received[name] + delta) for name, delta in zip(received, noisy, strict=True)}
         )
         ledger.record(**release)
-        state[STATE_KEY] = ConfigRecord({**ledger.state_dict(), "mechanism": self.mechanism})
+        store_ledger(state, {**ledger.state_dict(), "mechanism": self.mechanism})
         epsilon_key, delta_key = PRIVACY_REPLY_KEYS["local"]
         metrics = {epsilon_key: float(ledger.epsilon(self.target_delta)), delta_key: float(self.target_delta)}
         basic = ledger.basic_epsilon()

@@ -31,30 +31,72 @@ import logging
 import math
 import secrets
 import warnings
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from numbers import Integral
-from typing import ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
 import torch
-from flwr.app import ConfigRecord, RecordDict
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 from torch.utils.data._utils.collate import default_collate
 
 from clients.plain import TrainOutcome, check_training_settings
-from clients.privacy_state import STATE_KEY, PrivacyBudgetExhausted
+from clients.privacy_state import PrivacyBudgetExhausted, store_ledger, stored_ledger
 from fedpriv.checks import check_choice, check_delta, check_noise_multiplier, check_real
+from fedpriv.devices import client_device
 from fedpriv.logs import get_logger
 from fedpriv.opacus_logging import opacus_logging_contained
 from fedpriv.protocol import PRIVACY_REPLY_KEYS
 from fedpriv.training import make_torch_optimizer
 
+if TYPE_CHECKING:
+    from flwr.app import RecordDict
+
 logger = get_logger(__name__)
 
 GRAD_SAMPLE_MODES = ("hooks", "functorch", "ew", "ghost")
 """Opacus per-sample-gradient implementations that train fedpriv's models."""
+
+AUTO = "auto"
+"""``client.grad_sample_mode=auto``: :func:`auto_grad_sample_mode` picks one of :data:`GRAD_SAMPLE_MODES`."""
+
+# CUDA, measured by the issue's reporter on an H200 (cnn28, Opacus 1.6, torch
+# 2.11), not by us: ew is best at batch 64 (3.3 against hooks' 3.7), hooks from
+# 256 on (4.4 and 2.1 against ew's 6.4 and 5.8); the switch is at the geometric
+# middle, 128. Dense models were not measured there and take the CNN's choices.
+_CUDA_MODES = ((128, "ew"), (math.inf, "hooks"))
+AUTO_GRAD_SAMPLE_MODES: dict[str, dict[str, tuple[tuple[float, str], ...]]] = {
+    # Per device type and model kind (convolutional or not), (largest expected
+    # batch size, mode) from small batches to large: the mode with the lowest
+    # DP-step / plain-step ratio of scripts/bench.py, section 3, at batch 64,
+    # 256 and 1024 (the README's GPUs section has the figures).
+    # CPU, measured here (2 cores, one thread per client, the median of three
+    # runs): for the CNN ew (2.23, 1.92, 2.28) against hooks (2.17, 1.89, 2.73),
+    # ghost and functorch, within 3% of hooks where the runs spread by more and
+    # 16% below it at 1024; for the MLP ghost (5.43, 5.10, 3.30) against ew
+    # (5.84, 9.95, 30.3) and hooks: ghost clipping gets a dense layer's
+    # per-example gradient norms without forming the gradients, which on a CPU
+    # cost more than the rest of the step.
+    "cpu": {"conv": ((math.inf, "ew"),), "dense": ((math.inf, "ghost"),)},
+    "cuda": {"conv": _CUDA_MODES, "dense": _CUDA_MODES},
+}
+
+_CONVOLUTIONS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+# The layers PyTorch's expanded weights (grad_sample_mode=ew) compute per-example
+# gradients of; a trainable layer of any other type makes ew fail, while hooks
+# (with functorch for unknown layers) takes every model Opacus' validator accepts.
+_EXPANDED_WEIGHTS_LAYERS = (
+    nn.Linear,
+    *_CONVOLUTIONS,
+    nn.Embedding,
+    nn.GroupNorm,
+    nn.LayerNorm,
+    nn.InstanceNorm1d,
+    nn.InstanceNorm2d,
+    nn.InstanceNorm3d,
+)
 
 DEFAULT_TARGET_DELTA = 1e-5
 """Upper end of the default ``target_delta``; see :class:`OpacusTraining`."""
@@ -141,6 +183,46 @@ def _stage_empty_batch(optimizer, *, ghost: bool) -> None:
             param.grad_sample = param.new_zeros((0, *param.shape))
 
 
+def auto_grad_sample_mode(*, device_type: str, batch_size: int, model: nn.Module) -> str:
+    """The per-example-gradient implementation ``grad_sample_mode=auto`` trains ``model`` with.
+
+    Parameters
+    ----------
+    device_type : str
+        ``cpu`` or ``cuda`` (a ``torch.device``'s ``type``); any other device
+        gets the CPU's choice.
+    batch_size : int
+        The expected batch size (``client.batch_size``).
+    model : nn.Module
+        The model to train; only its layer types are read.
+
+    Returns
+    -------
+    str
+        The first mode of :data:`AUTO_GRAD_SAMPLE_MODES` for the device and
+        the model's kind (``conv`` with a convolution layer, else ``dense``)
+        whose batch size bound covers ``batch_size``; ``hooks`` instead of
+        ``ew`` for a model with a trainable layer that expanded weights cannot
+        handle, so the pick never fails where another mode would train
+        (``hooks`` and ``ghost`` fall back to functorch for such layers).
+    """
+    by_kind = AUTO_GRAD_SAMPLE_MODES.get(device_type, AUTO_GRAD_SAMPLE_MODES["cpu"])
+    kind = "conv" if any(isinstance(module, _CONVOLUTIONS) for module in model.modules()) else "dense"
+    mode = next(mode for largest, mode in by_kind[kind] if batch_size <= largest)
+    if mode == "ew" and not _expanded_weights_cover(model):
+        return "hooks"
+    return mode
+
+
+def _expanded_weights_cover(model: nn.Module) -> bool:
+    """Whether every module that holds trainable parameters of its own is an expanded-weights layer."""
+    return all(
+        isinstance(module, _EXPANDED_WEIGHTS_LAYERS)
+        for module in model.modules()
+        if any(param.requires_grad for param in module.parameters(recurse=False))
+    )
+
+
 def noisy_count(n: int, *, noise_multiplier: float, rng: np.random.Generator) -> float:
     """Release a data set size with the Gaussian mechanism (sensitivity 1).
 
@@ -201,11 +283,16 @@ def poisson_loader(
     return DataLoader(TensorDataset(x, y), batch_sampler=sampler, collate_fn=collate)
 
 
-def _generators(seed: int | None) -> tuple[torch.Generator, torch.Generator, np.random.Generator]:
+def _generators(
+    seed: int | None, *, device: torch.device
+) -> tuple[torch.Generator, torch.Generator, np.random.Generator]:
     """Generators for Poisson batches, gradient noise and the count's noise.
 
     ``None`` seeds each from 64 (torch) or 128 (numpy) bits of fresh operating
-    system entropy that are never stored, so nobody can replay the noise.
+    system entropy that are never stored, so nobody can replay the noise. The
+    gradient noise's generator is on ``device``, where Opacus draws the noise
+    (next to the gradients); the Poisson batches are drawn on the CPU, where
+    the examples wait, so they do not depend on the device.
     """
     if seed is None:
         seeds = [secrets.randbits(64), secrets.randbits(64), secrets.randbits(128)]
@@ -213,7 +300,7 @@ def _generators(seed: int | None) -> tuple[torch.Generator, torch.Generator, np.
         seeds = [int(s) for s in np.random.SeedSequence(seed).generate_state(3, dtype=np.uint64)]
     return (
         torch.Generator().manual_seed(seeds[0]),
-        torch.Generator().manual_seed(seeds[1]),
+        torch.Generator(device=device).manual_seed(seeds[1]),
         np.random.default_rng(seeds[2]),
     )
 
@@ -263,9 +350,10 @@ class OpacusTraining:
         ``prv`` (tight, default) or ``rdp``.
     grad_sample_mode : str
         Opacus per-sample-gradient implementation: ``ew`` (PyTorch's expanded
-        weights, the fastest on fedpriv's models, see
-        ``scripts/bench.py``, section 3), ``hooks``, ``functorch`` or
-        ``ghost`` (ghost clipping). All give the same update.
+        weights, the fastest on fedpriv's models on a CPU, see
+        ``scripts/bench.py``, section 3), ``hooks``, ``functorch``, ``ghost``
+        (ghost clipping), or ``auto``, picked by device and batch size
+        (:func:`auto_grad_sample_mode`). All give the same update.
     count_noise_multiplier : float
         Standard deviation of the Gaussian noise on the released data set
         size, ``>= 1`` (10 costs about 0.01 epsilon next to a DP-SGD epsilon
@@ -273,6 +361,10 @@ class OpacusTraining:
     max_epsilon : float or None
         Record-level budget: a round that would take the client's epsilon
         above it is declined with :class:`PrivacyBudgetExhausted`.
+    device : str
+        ``auto`` (the GPU Ray assigned to this client, else the CPU), ``cpu``
+        or ``cuda``: where the model, the batches and the gradient noise are
+        (see :mod:`fedpriv.devices`).
     """
 
     privacy_level: ClassVar[str | None] = "record"
@@ -292,6 +384,7 @@ class OpacusTraining:
     grad_sample_mode: str = "ew"
     count_noise_multiplier: float = 10.0
     max_epsilon: float | None = None
+    device: str = "auto"
 
     def __post_init__(self) -> None:
         """Validate the settings."""
@@ -310,13 +403,19 @@ class OpacusTraining:
         check_real("client.max_grad_norm", self.max_grad_norm, above=0.0, maximum=_MAX_GRAD_NORM)
         if self.target_delta is not None:
             check_delta("client.target_delta", self.target_delta)
-        check_choice("client.grad_sample_mode", self.grad_sample_mode, GRAD_SAMPLE_MODES)
+        check_choice("client.grad_sample_mode", self.grad_sample_mode, (*GRAD_SAMPLE_MODES, AUTO))
         # Below the count's sensitivity (1) the release costs epsilon > 4 at
         # delta 1e-5 and the accountants' numerics break down.
         check_real("client.count_noise_multiplier", self.count_noise_multiplier, minimum=1.0, maximum=_MAX_COUNT_NOISE)
         if self.max_epsilon is not None:
             check_real("client.max_epsilon", self.max_epsilon, above=0.0)
         check_choice("client.accountant", self.accountant, _accounting().ACCOUNTANTS)
+
+    def grad_sample_mode_for(self, model: nn.Module, *, device: torch.device) -> str:
+        """The mode ``model`` trains with on ``device``: ``grad_sample_mode``, or what ``auto`` picks."""
+        if self.grad_sample_mode != AUTO:
+            return self.grad_sample_mode
+        return auto_grad_sample_mode(device_type=device.type, batch_size=self.batch_size, model=model)
 
     def target_delta_for(self, count: float) -> float:
         """The delta of a client of (noisy) size ``count``.
@@ -365,7 +464,7 @@ class OpacusTraining:
         y: torch.Tensor,
         *,
         seed: int | None,
-        state: RecordDict,
+        state: RecordDict | dict,
         planned_rounds: int = 1,
     ) -> TrainOutcome:
         """Train ``model`` in place with DP-SGD on ``(x, y)`` for one round.
@@ -381,10 +480,11 @@ class OpacusTraining:
             ``None``: Poisson sampling and all noise draw from the operating
             system (private). An integer makes them reproducible, which voids
             the guarantee (tests and ``seeded_noise=true`` only).
-        state : flwr.app.RecordDict
+        state : flwr.app.RecordDict or dict
             The node's persistent state; the ledger (accountant history and
             the released size) is read from and written to its
-            ``"fedpriv.privacy"`` ``ConfigRecord``.
+            ``"fedpriv.privacy"`` ``ConfigRecord`` (a plain ``dict`` serves
+            where Flower is absent, see :mod:`clients.privacy_state`).
         planned_rounds : int, default 1
             Rounds in the run; used to solve the noise multiplier for
             ``target_epsilon``.
@@ -407,7 +507,8 @@ class OpacusTraining:
             (the decision depends on it, so it is accounted).
         ValueError
             If the model has layers Opacus cannot train, ``target_delta`` is
-            not below ``1 / n~`` or ``target_epsilon`` is unreachable.
+            not below ``1 / n~``, ``target_epsilon`` is unreachable or
+            ``device=cuda`` finds no GPU; ``state`` is untouched by the last.
         """
         n = len(y)
         if n == 0:
@@ -418,19 +519,20 @@ class OpacusTraining:
             or planned_rounds < 1
         ):
             raise ValueError(f"planned_rounds={planned_rounds!r}: must be an integer >= 1")
+        device = client_device(self.device)
         model.train()
         _check_model(model)
-        batch_generator, noise_generator, count_rng = _generators(seed)
+        batch_generator, noise_generator, count_rng = _generators(seed, device=device)
 
         ledger = _new_ledger(self.accountant)
-        record = state.config_records.get(STATE_KEY)
+        record = stored_ledger(state)
         if record is None:
             count = noisy_count(n, noise_multiplier=self.count_noise_multiplier, rng=count_rng)
             ledger.record(noise_multiplier=self.count_noise_multiplier, sample_rate=COUNT_SAMPLE_RATE)
             # Accounted the moment it exists: every later decision (delta,
             # sampling, declining, even an error) depends on it.
             record = _ledger_record(ledger, count=count)
-            state[STATE_KEY] = record
+            store_ledger(state, record)
             logger.info("client released its size n~=%.0f", count)
         else:
             count = float(record["noisy_count"])
@@ -448,7 +550,7 @@ class OpacusTraining:
         )
         if "noise_multiplier" not in record:
             logger.info("client: target_delta=%.3g, noise_multiplier=%.4g", delta, noise_multiplier)
-            state[STATE_KEY] = _ledger_record(ledger, count=count, noise_multiplier=noise_multiplier)
+            store_ledger(state, _ledger_record(ledger, count=count, noise_multiplier=noise_multiplier))
         release = {"noise_multiplier": noise_multiplier, "sample_rate": sample_rate, "steps": round_steps}
         over = ledger.epsilon_if_over(max_epsilon=self.max_epsilon, delta=delta, **release)
         if over is not None:
@@ -462,9 +564,8 @@ class OpacusTraining:
 
         trained = self._train(
             model,
-            x,
-            y,
             loader=poisson_loader(x, y, batches=steps_per_epoch, generator=batch_generator),
+            device=device,
             expected_batch_size=count / steps_per_epoch,
             noise_generator=noise_generator,
             history=ledger.history,
@@ -476,7 +577,7 @@ class OpacusTraining:
                 "the round's update is withheld"
             )
         epsilon = projected.epsilon(delta)
-        state[STATE_KEY] = _ledger_record(projected, count=count, noise_multiplier=noise_multiplier)
+        store_ledger(state, _ledger_record(projected, count=count, noise_multiplier=noise_multiplier))
         # Without noise epsilon is infinite: there is no claim to report, and
         # the server refuses non-finite metrics.
         epsilon_key, delta_key = PRIVACY_REPLY_KEYS["record"]
@@ -492,7 +593,7 @@ class OpacusTraining:
 
     def _noise_multiplier(
         self,
-        record: ConfigRecord,
+        record: Mapping[str, Any],
         *,
         history: list,
         delta: float,
@@ -523,20 +624,24 @@ class OpacusTraining:
     def _train(
         self,
         model: nn.Module,
-        x: torch.Tensor,
-        y: torch.Tensor,
         *,
         loader: DataLoader,
+        device: torch.device,
         expected_batch_size: float,
         noise_generator: torch.Generator,
         history: list,
         noise_multiplier: float,
     ) -> list:
-        """One round of DP-SGD; returns Opacus' new accountant history."""
+        """One round of DP-SGD on ``device``; returns Opacus' new accountant history.
+
+        The model comes back on the CPU, where its reply is built.
+        """
         with opacus_logging_contained():
             from opacus import PrivacyEngine
 
-        ghost = self.grad_sample_mode == "ghost"
+        mode = self.grad_sample_mode_for(model, device=device)
+        ghost = mode == "ghost"
+        model.to(device)
         with _opacus_chatter_silenced():
             engine = PrivacyEngine(accountant=self.accountant)
             engine.accountant.history = list(history)
@@ -555,7 +660,7 @@ class OpacusTraining:
                 max_grad_norm=self.max_grad_norm,
                 # The loader already samples Poisson batches (poisson_loader).
                 poisson_sampling=False,
-                grad_sample_mode=self.grad_sample_mode,
+                grad_sample_mode=mode,
                 noise_generator=noise_generator,
             )
             if ghost:
@@ -570,7 +675,7 @@ class OpacusTraining:
                         if len(batch_y) == 0:
                             _stage_empty_batch(optimizer, ghost=ghost)
                         else:
-                            criterion(module(batch_x), batch_y).backward()
+                            criterion(module(batch_x.to(device)), batch_y.to(device)).backward()
                         optimizer.step()
             finally:
                 optimizer.zero_grad(set_to_none=True)
@@ -578,6 +683,7 @@ class OpacusTraining:
                 for param in model.parameters():
                     if hasattr(param, "summed_grad"):
                         del param.summed_grad
+                model.to("cpu")
         return list(engine.accountant.history)
 
 
@@ -595,10 +701,10 @@ def _use_public_batch_size(optimizer, expected_batch_size: float) -> None:
     optimizer.expected_batch_size = expected_batch_size
 
 
-def _ledger_record(ledger, *, count: float, noise_multiplier: float | None = None) -> ConfigRecord:
-    """The client's ledger as stored in ``context.state`` and on disk.
+def _ledger_record(ledger, *, count: float, noise_multiplier: float | None = None) -> dict[str, Any]:
+    """The client's ledger as stored in ``context.state`` (:func:`clients.privacy_state.store_ledger`) and on disk.
 
     ``noise_multiplier`` is left out until it is known (solved for a target).
     """
     solved = {} if noise_multiplier is None else {"noise_multiplier": noise_multiplier}
-    return ConfigRecord({**ledger.state_dict(), "noisy_count": count, **solved})
+    return {**ledger.state_dict(), "noisy_count": count, **solved}

@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from fedpriv.checks import check_choice, check_int, check_real
+from fedpriv.devices import DEVICES, client_device
 from fedpriv.training import OPTIMIZERS, make_optimizer, train_epochs
 
 MAX_LOCAL_EPOCHS = 10_000
@@ -18,7 +19,7 @@ MAX_WEIGHT_DECAY = 1e3
 
 
 def check_training_settings(training) -> None:
-    """Validate the settings every local training shares (epochs, batches, optimizer).
+    """Validate the settings every local training shares (epochs, batches, optimizer, device).
 
     Raises
     ------
@@ -33,6 +34,7 @@ def check_training_settings(training) -> None:
     if momentum >= 1:
         raise ValueError(f"client.momentum={training.momentum!r}: must be in [0, 1)")
     check_real("client.weight_decay", training.weight_decay, minimum=0.0, maximum=MAX_WEIGHT_DECAY)
+    check_choice("client.device", training.device, DEVICES)
 
 
 @dataclass(frozen=True)
@@ -74,6 +76,9 @@ class PlainTraining:
         SGD momentum (ignored by Adam).
     weight_decay : float
         L2 penalty.
+    device : str
+        ``auto`` (the GPU Ray assigned to this client, else the CPU), ``cpu``
+        or ``cuda``; see :mod:`fedpriv.devices`.
     """
 
     privacy_level: ClassVar[str | None] = None
@@ -87,6 +92,7 @@ class PlainTraining:
     lr: float = 0.05
     momentum: float = 0.9
     weight_decay: float = 0.0
+    device: str = "auto"
 
     def __post_init__(self) -> None:
         """Validate the settings."""
@@ -102,26 +108,38 @@ class PlainTraining:
         state=None,
         planned_rounds: int = 1,
     ) -> TrainOutcome:
-        """Train ``model`` in place on ``(x, y)`` for one round.
+        """Train ``model`` in place on ``(x, y)`` for one round, on ``device``.
 
-        ``state`` (the node's persistent ``RecordDict``) and ``planned_rounds``
-        matter to private training only; plain training ignores them.
+        The model comes back on the CPU, where its reply is built. ``state``
+        (the node's persistent ``RecordDict``) and ``planned_rounds`` matter
+        to private training only; plain training ignores them.
+
+        Raises
+        ------
+        ValueError
+            ``device=cuda`` where there is no GPU.
         """
+        device = client_device(self.device)
+        # The shuffling stays on the CPU generator: the same batches on every device.
         generator = torch.Generator().manual_seed(seed)
-        optimizer = make_optimizer(
-            self.optimizer,
-            model.parameters(),
-            lr=self.lr,
-            momentum=self.momentum,
-            weight_decay=self.weight_decay,
-        )
-        loss = train_epochs(
-            model,
-            x,
-            y,
-            optimizer=optimizer,
-            epochs=self.local_epochs,
-            batch_size=self.batch_size,
-            generator=generator,
-        )
+        model.to(device)
+        try:
+            optimizer = make_optimizer(
+                self.optimizer,
+                model.parameters(),
+                lr=self.lr,
+                momentum=self.momentum,
+                weight_decay=self.weight_decay,
+            )
+            loss = train_epochs(
+                model,
+                x.to(device),
+                y.to(device),
+                optimizer=optimizer,
+                epochs=self.local_epochs,
+                batch_size=self.batch_size,
+                generator=generator,
+            )
+        finally:
+            model.to("cpu")
         return TrainOutcome(loss=loss, num_examples=len(y))

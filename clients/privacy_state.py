@@ -3,14 +3,39 @@
 A private client (record-level DP-SGD or local DP) keeps its privacy ledger in
 the node's persistent state under :data:`STATE_KEY`, and declines a round that
 would take it past its budget by raising :class:`PrivacyBudgetExhausted`.
+
+The node state is Flower's ``RecordDict`` in a ClientApp, or a plain ``dict``
+where Flower is not installed (``scripts/bench.py`` times a private local
+round on a GPU machine with only torch and Opacus): Flower is imported only
+to store into a ``RecordDict``.
 """
 
 from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
 
 from fedpriv.protocol import PRIVACY_REPLY_KEYS
 
 STATE_KEY = "fedpriv.privacy"
 """Key of the ``ConfigRecord`` in the node state that holds the client's ledger."""
+
+
+def stored_ledger(state: Any) -> Mapping[str, Any] | None:
+    """The client's ledger record in the node ``state``; ``None`` before its first release."""
+    if isinstance(state, dict):
+        return state.get(STATE_KEY)
+    return state.config_records.get(STATE_KEY)
+
+
+def store_ledger(state: Any, values: Mapping[str, Any]) -> None:
+    """Put the client's ledger ``values`` into the node ``state`` (a ``ConfigRecord`` in a ``RecordDict``)."""
+    if isinstance(state, dict):
+        state[STATE_KEY] = dict(values)
+        return
+    from flwr.app import ConfigRecord
+
+    state[STATE_KEY] = ConfigRecord(dict(values))
 
 
 class PrivacyBudgetExhausted(RuntimeError):

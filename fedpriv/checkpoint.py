@@ -23,9 +23,12 @@ from fedpriv.run_config import ConfigError, flatten
 
 FORMAT = 2
 CHECKPOINT_NAME = "checkpoint.pt"
-# Settings a resumed run may change: how long it runs and where it talks to.
+# Settings a resumed run may change: how long it runs, where it talks to and on
+# which devices (the results are the same in distribution on every device).
 # Everything else (data, model, training, privacy) must match the checkpoint.
-MAY_DIFFER = frozenset({"num-rounds", "round-timeout", "resume", "output-dir", "strategy.node-wait-seconds"})
+MAY_DIFFER = frozenset(
+    {"num-rounds", "round-timeout", "resume", "output-dir", "strategy.node-wait-seconds", "client.device", "server-device"}
+)
 MAY_DIFFER_PREFIXES = ("mode.",)
 
 

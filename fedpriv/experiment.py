@@ -20,7 +20,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from fedpriv.checks import check_bool, check_int, check_real, check_text
+from fedpriv.checks import check_bool, check_choice, check_int, check_real, check_text
+from fedpriv.devices import DEVICES, client_device, server_device
 from fedpriv.partition_cache import cached_partitioning, partition_key
 from fedpriv.run_config import ConfigError, Scalar, build_component, flatten, unflatten
 
@@ -63,6 +64,10 @@ class RunSettings:
     verbose : bool
         Show Flower's own log lines on the console too (``fedpriv.log`` in the
         run folder always has them).
+    server_device : str
+        Where the server evaluates the global model on its test split:
+        ``cpu`` (default), ``cuda``, or ``auto`` (a GPU if the server's process
+        sees one, else the CPU); see :mod:`fedpriv.devices`.
     """
 
     num_clients: int
@@ -73,6 +78,7 @@ class RunSettings:
     resume: str = ""
     seeded_noise: bool = False
     verbose: bool = False
+    server_device: str = "cpu"
 
     def __post_init__(self) -> None:
         """Validate the settings."""
@@ -85,6 +91,7 @@ class RunSettings:
             check_real("round_timeout", self.round_timeout, minimum=1.0, maximum=1e7)
             check_text("output_dir", self.output_dir)
             check_text("resume", self.resume)
+            check_choice("server_device", self.server_device, DEVICES)
         except ValueError as exc:
             raise ConfigError(str(exc)) from exc
         if self.resume and self.output_dir != self.resume:
@@ -354,7 +361,9 @@ def check_runnable(experiment: Experiment, *, mode: Any) -> None:
 
     Checks that the output folder can be created and written (nothing is
     created here) and, in a simulation, that the strategy does not wait for
-    more nodes than there are clients.
+    more nodes than there are clients and that a device set to ``cuda`` is
+    there: the server's (it evaluates in this process) and, when the clients
+    run on this machine's own Ray, the clients'.
 
     Raises
     ------
@@ -365,12 +374,20 @@ def check_runnable(experiment: Experiment, *, mode: Any) -> None:
         problem = unwritable_reason(Path(experiment.settings.output_dir).expanduser())
         if problem:
             raise ConfigError(f"output_dir={experiment.settings.output_dir!r}: {problem}")
+    if not getattr(mode, "simulated", False):
+        return
     waits_for = experiment.strategy_config.get("min_available_nodes", 0)
-    if getattr(mode, "simulated", False) and waits_for > experiment.settings.num_clients:
+    if waits_for > experiment.settings.num_clients:
         raise ConfigError(
             f"strategy.min_available_nodes={waits_for}: a simulation has only num_clients="
             f"{experiment.settings.num_clients} nodes, so the first round could never start"
         )
+    try:
+        server_device(experiment.settings.server_device)
+        if getattr(mode, "ray_address", None) is None:
+            client_device(experiment.client.device)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from exc
 
 
 def unwritable_reason(folder: Path) -> str:

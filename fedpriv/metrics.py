@@ -58,11 +58,12 @@ def evaluation_metrics(
 ) -> dict[str, float | None]:
     """``test_loss`` and ``test_accuracy``; for two classes also ``test_auc`` and ``test_balanced_accuracy``.
 
-    With ``costs`` (false positive, false negative), also ``test_cost``, the mean
-    misclassification cost.
+    ``model``, ``x`` and ``y`` may be on any one device. With ``costs`` (false positive,
+    false negative), also ``test_cost``, the mean misclassification cost.
     """
-    # One forward pass serves every metric.
-    logits = predict(model, x)
+    # One forward pass, on the device of the model and ``x``, serves every metric;
+    # the rest is cheap, and the binary metrics need NumPy arrays.
+    logits, y = predict(model, x).cpu(), y.cpu()
     loss, accuracy = loss_and_accuracy(logits, y)
     metrics: dict[str, float | None] = {"test_loss": loss, "test_accuracy": accuracy}
     if num_classes != 2:

@@ -9,11 +9,17 @@ the app's ``pyproject.toml`` already declares, while a config group (say
 ``strategy=dp_fixed``) brings keys of its own. So the composed run config is
 written as the defaults of a staged copy of the app metadata, and both apps
 read it from ``context.run_config`` like any Flower app.
+
+With ``mode.ray_address`` the simulation joins a running Ray cluster instead
+of starting Ray on this machine: Flower's Ray backend hands its ``init_args``
+to ``ray.init``, so the address goes there, and Flower sizes its pool of
+client actors from the resources of every node of the cluster.
 """
 
 from __future__ import annotations
 
 import os
+import re
 import tempfile
 from dataclasses import dataclass
 from typing import ClassVar
@@ -28,6 +34,8 @@ from fedpriv.run_config import Scalar
 SERVER_APP = "strategies.server_app:app"
 CLIENT_APP = "clients.client_app:app"
 BACKENDS = ("ray",)
+# HOST:PORT of a Ray head node's GCS (a name, an IPv4 address or a bracketed IPv6 one).
+_RAY_ADDRESS = re.compile(r"(?:[A-Za-z0-9][A-Za-z0-9.-]*|\[[0-9A-Fa-f:.]+\]):(\d{1,5})")
 
 logger = get_logger(__name__)
 
@@ -82,7 +90,15 @@ class SimulationMode:
         CPUs reserved per simulated client; with 2 cores, 1 runs two clients at
         a time.
     client_num_gpus : float
-        GPUs reserved per simulated client.
+        GPUs reserved per simulated client; a client with ``client.device=auto``
+        trains on the GPU Ray assigns it.
+    ray_address : str or None
+        ``None`` (default) starts Ray on this machine. ``HOST:PORT`` (the
+        address ``ray start --head`` printed) or ``auto`` (the cluster this
+        machine's ``ray start`` started or joined) runs the clients on that
+        existing Ray cluster; the ServerApp stays in this process, which must
+        be on a node of it. Every node needs the same Python, Ray and fedpriv
+        installation (see the README, A Ray cluster).
     verbose : bool
         Show Flower's and Ray's debug logs.
     server_app, client_app : str
@@ -98,6 +114,7 @@ class SimulationMode:
     backend: str = "ray"
     client_num_cpus: float = 1.0
     client_num_gpus: float = 0.0
+    ray_address: str | None = None
     verbose: bool = False
     server_app: str = SERVER_APP
     client_app: str = CLIENT_APP
@@ -112,6 +129,11 @@ class SimulationMode:
         if 0 < gpus < 0.01:
             raise ValueError(f"mode.client_num_gpus={self.client_num_gpus!r}: must be 0 or in [0.01, 64]")
         check_bool("mode.verbose", self.verbose)
+        if self.ray_address is not None and not _valid_ray_address(self.ray_address):
+            raise ValueError(
+                f"mode.ray_address={self.ray_address!r}: must be HOST:PORT of a Ray head node "
+                "(e.g. 10.0.0.5:6379), auto, or null for a local Ray"
+            )
         for key in ("server_app", "client_app"):
             module, _, attribute = str(getattr(self, key)).partition(":")
             if not (module and attribute):
@@ -131,9 +153,12 @@ class SimulationMode:
         from flwr.supercore.telemetry import EventType
         from flwr.simulation.run_simulation import _run_simulation
 
+        init_args = {"include_dashboard": False, "log_to_driver": self.verbose}
+        if self.ray_address is not None:
+            init_args["address"] = self.ray_address
         backend_config = {
             "client_resources": {"num_cpus": self.client_num_cpus, "num_gpus": self.client_num_gpus},
-            "init_args": {"include_dashboard": False, "log_to_driver": self.verbose},
+            "init_args": init_args,
         }
         with tempfile.TemporaryDirectory(prefix="fedpriv-app-") as app_dir:
             stage_app(run_config, Path(app_dir), server_app=self.server_app, client_app=self.client_app)
@@ -152,3 +177,11 @@ class SimulationMode:
                 is_app=True,
                 verbose_logging=self.verbose,
             )
+
+
+def _valid_ray_address(address: object) -> bool:
+    """``auto``, or ``HOST:PORT`` with a port in [1, 65535]."""
+    if address == "auto":
+        return True
+    match = _RAY_ADDRESS.fullmatch(address) if isinstance(address, str) else None
+    return match is not None and 1 <= int(match.group(1)) <= 65535

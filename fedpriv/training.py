@@ -98,6 +98,9 @@ def train_epochs(
 ) -> float:
     """Train ``model`` in place with shuffled mini-batches.
 
+    ``model``, ``x`` and ``y`` are on one device; ``generator`` may be on
+    another (the CPU), so that the batches do not depend on the device.
+
     Returns
     -------
     float
@@ -107,7 +110,8 @@ def train_epochs(
     loss_fn = nn.CrossEntropyLoss()
     total, seen = 0.0, 0
     for _ in range(epochs):
-        order = torch.randperm(len(y), generator=generator)
+        # Drawn on the generator's device (the CPU), used on the data's.
+        order = torch.randperm(len(y), generator=generator).to(y.device)
         for start in range(0, len(y), batch_size):
             batch = order[start : start + batch_size]
             optimizer.zero_grad(set_to_none=True)

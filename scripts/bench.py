@@ -1,6 +1,6 @@
 """Benchmarks: fedpriv against the compute floor and against Flower's built-ins.
 
-    python scripts/bench.py [--quick | --smoke] [--mnist-root DIR] [--out bench.json]
+    python scripts/bench.py [--quick | --smoke] [--mnist-root DIR] [--out bench.json] [--device cpu|cuda]
 
 Every figure is a ratio (or a pair) measured side by side in this one run, so
 load from other processes on the machine affects both sides alike:
@@ -10,8 +10,11 @@ load from other processes on the machine affects both sides alike:
 2. flower: the same private workload with Flower's built-in ``FedAvg`` and a
    client in the style of Flower's Opacus example (``scripts/bench_apps.py``),
    against fedpriv's strategy and ``client=opacus``: wall time and epsilon;
-3. dp_step: a DP-SGD step over a plain step for every ``grad_sample_mode``,
-   and a whole private local round (``OpacusTraining.fit``) over a plain one;
+3. dp_step: a DP-SGD step over a plain step for every ``grad_sample_mode``
+   at batch sizes 64 to 1024, and a whole private local round
+   (``OpacusTraining.fit``) over a plain one, on ``--device`` (``cpu`` or
+   ``cuda``); it needs only torch, Opacus and numpy (no Flower, no Ray), so
+   ``--only dp_step --device cuda`` runs on a bare GPU machine;
 4. accounting: fedpriv's epsilon over ``dp-accounting``'s PLD for the same
    mechanism, and over Flower's accountant (no amplification);
 5. memory: peak memory of a whole run (every process, Ray's included) at 10
@@ -96,6 +99,8 @@ class Sizes:
         Rounds of each scale run (the first one is the warm-up).
     step_timing : dict
         ``warmup``, ``steps`` and ``repeats`` of the step timings of section 3.
+    step_batch_sizes : tuple[int, ...]
+        Batch sizes of the step timings of section 3.
     fit_repeats : int
         Local rounds timed per training procedure in section 3.
     accounting_steps : int
@@ -122,6 +127,7 @@ class Sizes:
     scale_clients: tuple[int, ...]
     scale_rounds: int
     step_timing: dict
+    step_batch_sizes: tuple[int, ...]
     fit_repeats: int
     accounting_steps: int
     flower: bool
@@ -141,6 +147,7 @@ SIZES = {
         scale_clients=(),
         scale_rounds=0,
         step_timing={"warmup": 1, "steps": 1, "repeats": 1},
+        step_batch_sizes=(64,),
         fit_repeats=2,
         accounting_steps=10,
         flower=False,
@@ -158,6 +165,7 @@ SIZES = {
         scale_clients=(100, 1_000),
         scale_rounds=3,
         step_timing={"warmup": 3, "steps": 5, "repeats": 5},
+        step_batch_sizes=(64, 256, 1024),
         fit_repeats=4,
         accounting_steps=500,
         flower=True,
@@ -175,6 +183,7 @@ SIZES = {
         scale_clients=(100, 1_000, 10_000),
         scale_rounds=5,
         step_timing={"warmup": 10, "steps": 20, "repeats": 15},
+        step_batch_sizes=(64, 256, 1024),
         fit_repeats=8,
         accounting_steps=500,
         flower=True,
@@ -517,11 +526,24 @@ STEP_MODELS: dict[str, tuple[Callable[[], nn.Module], tuple[int, ...], int]] = {
 }
 
 
-def time_interleaved(steps_by_name: dict[str, Callable[[], None]], *, warmup: int, steps: int, repeats: int) -> dict:
+def _no_synchronization() -> None:
+    """The CPU runs a step before it returns: nothing to wait for."""
+
+
+def time_interleaved(
+    steps_by_name: dict[str, Callable[[], None]],
+    *,
+    warmup: int,
+    steps: int,
+    repeats: int,
+    synchronize: Callable[[], None] = _no_synchronization,
+) -> dict:
     """Median over ``repeats`` of the mean seconds per call of each step function.
 
     The candidates take turns within every repeat, so load from other processes
     affects them alike; garbage collection is off while timing, as in ``timeit``.
+    ``synchronize`` waits for the device (``torch.cuda.synchronize``: a GPU
+    returns before its kernels have run) before a timing starts and ends.
     """
     for step in steps_by_name.values():
         for _ in range(warmup):
@@ -532,9 +554,11 @@ def time_interleaved(steps_by_name: dict[str, Callable[[], None]], *, warmup: in
     try:
         for _ in range(repeats):
             for name, step in steps_by_name.items():
+                synchronize()
                 start = time.perf_counter()
                 for _ in range(steps):
                     step()
+                synchronize()
                 samples[name].append((time.perf_counter() - start) / steps)
     finally:
         if gc_was_enabled:
@@ -555,6 +579,7 @@ def _plain_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> Callable[
 
 
 def _private_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, mode: str) -> Callable[[], None]:
+    """One DP-SGD step of ``model`` on ``(x, y)``, all three on one device, noise drawn there too."""
     from opacus import PrivacyEngine
 
     engine = PrivacyEngine(accountant="prv")
@@ -567,7 +592,7 @@ def _private_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, mode: s
         max_grad_norm=1.0,
         poisson_sampling=True,
         grad_sample_mode=mode,
-        noise_generator=torch.Generator().manual_seed(0),
+        noise_generator=torch.Generator(device=x.device).manual_seed(0),
     )
     if mode == "ghost":
         module, optimizer, criterion, _ = private
@@ -587,21 +612,25 @@ def _random_batch(shape: tuple[int, ...], size: int) -> tuple[torch.Tensor, torc
     return torch.rand(size, *shape, generator=generator), torch.randint(0, 10, (size,), generator=generator)
 
 
-def step_costs(*, batch_size: int, timing: dict) -> list[dict]:
-    """One optimizer step, private over plain, per model and ``grad_sample_mode``, on a fixed batch."""
+def _synchronizer(device: torch.device) -> Callable[[], None]:
+    return torch.cuda.synchronize if device.type == "cuda" else _no_synchronization
+
+
+def step_costs(*, batch_size: int, timing: dict, device: torch.device) -> list[dict]:
+    """One optimizer step, private over plain, per model and ``grad_sample_mode``, on a fixed batch on ``device``."""
     rows = []
     for name, (build, shape, _) in STEP_MODELS.items():
-        x, y = _random_batch(shape, batch_size)
-        candidates, errors = {"plain": _plain_step(build(), x, y)}, {}
+        x, y = (tensor.to(device) for tensor in _random_batch(shape, batch_size))
+        candidates, errors = {"plain": _plain_step(build().to(device), x, y)}, {}
         for mode in GRAD_SAMPLE_MODES:
             try:
-                step = _private_step(build(), x, y, mode=mode)
+                step = _private_step(build().to(device), x, y, mode=mode)
                 step()
             except (RuntimeError, ValueError, NotImplementedError) as exc:
                 errors[mode] = f"{type(exc).__name__}: {exc}"
             else:
                 candidates[mode] = step
-        seconds = time_interleaved(candidates, **timing)
+        seconds = time_interleaved(candidates, **timing, synchronize=_synchronizer(device))
         for mode in GRAD_SAMPLE_MODES:
             row = {"model": name, "mode": mode, "batch_size": batch_size, "plain_ms": seconds["plain"] * 1e3}
             if mode in errors:
@@ -612,30 +641,34 @@ def step_costs(*, batch_size: int, timing: dict) -> list[dict]:
     return rows
 
 
-def round_costs(*, batch_size: int, repeats: int) -> list[dict]:
-    """A whole local round of ``client=opacus`` over one of ``client=plain``, per model.
+def round_costs(*, batch_size: int, repeats: int, device: torch.device) -> list[dict]:
+    """A whole local round of ``client=opacus`` over one of ``client=plain``, per model, on ``device``.
 
     This is what a client pays: besides the steps, Opacus' ``make_private``,
     Poisson batches and the accounting of the round. One client's worth of
     examples, one local epoch, the same batch size; the private client keeps
-    its state between rounds, so its accountant history grows as in a run.
+    its state between rounds (a plain ``dict``, so that no Flower is needed),
+    so its accountant history grows as in a run. Both trainings take the
+    model from the CPU and give it back there, as in a ClientApp.
     """
-    from flwr.app import RecordDict
-
     rows = []
+    synchronize = _synchronizer(device)
     for name, (build, shape, examples) in STEP_MODELS.items():
         x, y = _random_batch(shape, examples)
+        settings = {"local_epochs": 1, "batch_size": batch_size, "lr": 0.1, "momentum": 0.5, "device": device.type}
         trainings = {
-            "plain": PlainTraining(local_epochs=1, batch_size=batch_size, lr=0.1, momentum=0.5),
-            "opacus": OpacusTraining(local_epochs=1, batch_size=batch_size, lr=0.1, momentum=0.5, noise_multiplier=1.0),
+            "plain": PlainTraining(**settings),
+            "opacus": OpacusTraining(**settings, noise_multiplier=1.0),
         }
-        states = {kind: RecordDict() for kind in trainings}
+        states: dict[str, dict] = {kind: {} for kind in trainings}
         samples: dict[str, list[float]] = {kind: [] for kind in trainings}
         for repeat in range(repeats + 1):  # the first round of each warms up
             for kind, training in trainings.items():
                 model = build()
+                synchronize()
                 start = time.perf_counter()
                 training.fit(model, x, y, seed=repeat, state=states[kind], planned_rounds=repeats + 1)
+                synchronize()
                 if repeat:
                     samples[kind].append(time.perf_counter() - start)
         plain, private = (statistics.median(samples[kind]) for kind in ("plain", "opacus"))
@@ -646,8 +679,13 @@ def round_costs(*, batch_size: int, repeats: int) -> list[dict]:
     return rows
 
 
-def bench_dp_step(*, sizes: Sizes) -> dict[str, Any]:
-    """Section 3, on one thread as each simulated client runs."""
+def device_name(device: torch.device) -> str:
+    """``cpu``, or ``cuda`` with the GPU's name."""
+    return f"cuda ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else device.type
+
+
+def bench_dp_step(*, sizes: Sizes, device: torch.device) -> dict[str, Any]:
+    """Section 3 on ``device``, on one CPU thread as each simulated client runs."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
@@ -656,11 +694,15 @@ def bench_dp_step(*, sizes: Sizes) -> dict[str, Any]:
             # through a first layer whose input needs no grad; neither matters here.
             warnings.filterwarnings("ignore", message="Secure RNG turned off")
             warnings.filterwarnings("ignore", message="Full backward hook is firing")
-            steps = step_costs(batch_size=64, timing=sizes.step_timing)
-            rounds = round_costs(batch_size=32, repeats=sizes.fit_repeats)
+            steps = [
+                row
+                for batch_size in sizes.step_batch_sizes
+                for row in step_costs(batch_size=batch_size, timing=sizes.step_timing, device=device)
+            ]
+            rounds = round_costs(batch_size=32, repeats=sizes.fit_repeats, device=device)
     finally:
         torch.set_num_threads(threads)
-    return {"steps": steps, "rounds": rounds}
+    return {"device": device_name(device), "steps": steps, "rounds": rounds}
 
 
 # --- section 4: accounting tightness -----------------------------------------------------
@@ -1202,13 +1244,15 @@ def table_rows(sections: dict[str, Any]) -> list[tuple[str, str, str]]:
              "Flower's restarts every round"),
             ("2 test accuracy: fedpriv / Flower", f"{_fmt(s['fedpriv_test_accuracy'], 3)} / {_fmt(s['flower_test_accuracy'], 3)}", ""),
         ]
-    if "dp_step" in sections:
+    if "dp_step" in sections and "steps" in sections["dp_step"]:
+        device = sections["dp_step"]["device"]
         for row in sections["dp_step"]["steps"]:
-            target = "target <= 1.5" if row["mode"] == "ew" else ""
-            rows.append((f"3 DP step / plain step: {row['model']} {row['mode']} b{row['batch_size']}",
-                         _fmt(row["ratio"]) if row["error"] is None else "failed", target))
+            target = "; target <= 1.5" if row["mode"] == "ew" else ""
+            rows.append((f"3 DP step / plain step, {device}: {row['model']} {row['mode']} b{row['batch_size']}",
+                         _fmt(row["ratio"]) if row["error"] is None else "failed",
+                         f"plain step {_fmt(row['plain_ms'])} ms{target}"))
         for row in sections["dp_step"]["rounds"]:
-            rows.append((f"3 DP round / plain round: {row['model']} n{row['examples']} b{row['batch_size']}",
+            rows.append((f"3 DP round / plain round, {device}: {row['model']} n{row['examples']} b{row['batch_size']}",
                          _fmt(row["ratio"]), f"{_fmt(row['private_ms'], 0)} ms vs {_fmt(row['plain_ms'], 0)} ms"))
     if "accounting" in sections:
         s = sections["accounting"]
@@ -1281,19 +1325,23 @@ def render_table(sections: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def machine() -> dict[str, Any]:
-    """What the figures were measured on."""
-    import flwr
+def machine(device: torch.device) -> dict[str, Any]:
+    """What the figures were measured on; ``flwr`` is ``None`` where Flower is not installed (section 3 alone)."""
     import opacus
 
+    try:
+        import flwr
+    except ImportError:
+        flwr = None
     return {
         "date": datetime.date.today().isoformat(),
         "cpu_cores": os.cpu_count(),
         "gpu": torch.cuda.is_available(),
+        "device": device_name(device),
         "platform": platform.platform(),
         "python": platform.python_version(),
         "torch": torch.__version__,
-        "flwr": flwr.__version__,
+        "flwr": None if flwr is None else flwr.__version__,
         "opacus": opacus.__version__,
     }
 
@@ -1306,14 +1354,23 @@ def workload_overrides(mnist_root: Path | None) -> list[str]:
 
 
 def run_sections(
-    *, sizes: Sizes, mnist_root: Path | None, work_dir: Path, plot_path: Path, only: str | None = None
+    *,
+    sizes: Sizes,
+    mnist_root: Path | None,
+    work_dir: Path,
+    plot_path: Path,
+    only: str | None = None,
+    device: torch.device = torch.device("cpu"),
 ) -> dict[str, Any]:
-    """Run every section ``sizes`` asks for (or just ``only``); a failing section is recorded, the rest go on."""
+    """Run every section ``sizes`` asks for (or just ``only``); a failing section is recorded, the rest go on.
+
+    Section 3 runs on ``device``; the others on the CPU.
+    """
     workload = workload_overrides(mnist_root)
     sections: dict[str, Any] = {"workload": workload}
     steps: list[tuple[str, Callable[[], Any]]] = [
         ("overhead", lambda: bench_overhead(workload, sizes=sizes, work_dir=work_dir)),
-        ("dp_step", lambda: bench_dp_step(sizes=sizes)),
+        ("dp_step", lambda: bench_dp_step(sizes=sizes, device=device)),
         ("accounting", lambda: bench_accounting(sizes=sizes)),
     ]
     if sizes.flower:
@@ -1366,12 +1423,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--mnist-root", type=Path, help="folder with the MNIST test file (else digits)")
     parser.add_argument("--out", type=Path, default=Path("bench.json"), help="where to write the figures")
     parser.add_argument("--only", choices=SECTIONS, help="run this one section")
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="where section 3 runs (default cpu)")
     parser.add_argument("--floor", help=argparse.SUPPRESS)  # internal: compute_floor on {"overrides", "workers"}
     args = parser.parse_args(argv)
     if args.floor is not None:
         request = json.loads(args.floor)
         print(json.dumps(compute_floor(request["overrides"], workers=request["workers"])))
         return 0
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: no CUDA GPU is available here")
+    device = torch.device(args.device)
     mode = "smoke" if args.smoke else "quick" if args.quick else "full"
     start = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="fedpriv-bench-") as work_dir:
@@ -1381,8 +1442,9 @@ def main(argv: list[str] | None = None) -> int:
             work_dir=Path(work_dir),
             plot_path=args.out.with_name(f"{args.out.stem}_local_dp.png"),
             only=args.only,
+            device=device,
         )
-    document = {"mode": mode, "sizes": asdict(SIZES[mode]), "machine": machine(),
+    document = {"mode": mode, "sizes": asdict(SIZES[mode]), "machine": machine(device),
                 "seconds": time.perf_counter() - start, **sections}
     print(render_table(sections))
     args.out.parent.mkdir(parents=True, exist_ok=True)

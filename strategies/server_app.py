@@ -13,6 +13,7 @@ id under which the clients find their own accountant histories.
 
 from __future__ import annotations
 
+import copy
 import math
 import uuid
 from pathlib import Path
@@ -23,6 +24,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord
 from flwr.serverapp import Grid, ServerApp
 
 from fedpriv.checkpoint import Checkpoint, check_resumable, load_checkpoint
+from fedpriv.devices import server_device
 from fedpriv.experiment import Experiment, enable_secure_aggregation, experiment_from_run_config
 from fedpriv.logs import get_logger
 from fedpriv.protocol import LEDGER_KEY, RESUMED_KEY
@@ -188,6 +190,11 @@ def run_experiment(grid: Grid, experiment: Experiment, *, default_output_dir: Pa
     )
     latest = {"state_dict": model.state_dict(), "scores": {"test_loss": None, "test_accuracy": None}}
     logger.info("fedpriv run: results go to %s", output_dir.resolve())
+    # The test split waits on the evaluation device for an evaluation copy of
+    # the model; ``model`` itself stays on the CPU for the audit.
+    device = server_device(settings.server_device)
+    evaluator = copy.deepcopy(model).to(device)
+    test_x, test_y = splits.test_x.to(device), splits.test_y.to(device)
 
     def evaluated(server_round: int, arrays: ArrayRecord) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
         """The round's model (as the run keeps it) and its test metrics."""
@@ -197,13 +204,12 @@ def run_experiment(grid: Grid, experiment: Experiment, *, default_output_dir: Pa
             state_dict = {name: torch.from_numpy(array.numpy().copy()) for name, array in arrays.items()}
             return state_dict, federated_test_scores(strategy.federated_scores.get(server_round, {}))
         state_dict = arrays.to_torch_state_dict()
-        model.load_state_dict(state_dict)
-        scores = dataset_metrics(model, splits.test_x, splits.test_y, dataset=experiment.dataset)
+        evaluator.load_state_dict(state_dict)
+        scores = dataset_metrics(evaluator, test_x, test_y, dataset=experiment.dataset)
         if server_round and not math.isfinite(scores["test_loss"]):
             strategy.reject_model(server_round, reason=f"the server's test loss is {scores['test_loss']}")
             # The previous model stays the global one, with its own test metrics.
             state_dict, scores = latest["state_dict"], latest["scores"]
-            model.load_state_dict(state_dict)
         return state_dict, scores
 
     def end_of_round(flower_round: int, arrays: ArrayRecord) -> MetricRecord:

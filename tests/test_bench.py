@@ -9,6 +9,7 @@ import json
 import os
 import subprocess
 import sys
+import textwrap
 from pathlib import Path
 
 import pytest
@@ -21,6 +22,22 @@ from fedpriv.run_config import flatten
 from scripts import bench, bench_apps
 
 REPO = Path(__file__).resolve().parents[1]
+# A child interpreter in which Flower, Ray, Hydra and dp-accounting cannot be
+# imported, as on a GPU machine with only torch, Opacus and NumPy.
+WITHOUT_FLOWER_AND_RAY = textwrap.dedent(
+    """
+    import importlib.abc
+    import sys
+
+    class Blocked(importlib.abc.MetaPathFinder):
+        def find_spec(self, name, path=None, target=None):
+            if name.partition(".")[0] in ("flwr", "ray", "hydra", "omegaconf", "dp_accounting"):
+                raise ImportError(f"{name} is not installed here")
+            return None
+
+    sys.meta_path.insert(0, Blocked())
+    """
+)
 
 
 def test_smoke_run_writes_every_section(tmp_path):
@@ -141,3 +158,41 @@ def test_scale_overrides_give_every_client_data():
     assert isinstance(experiment.dataset, Synthetic)
     assert min(sizes) >= 2
     assert experiment.strategy_config["fraction_train"] * 100 == bench.SAMPLED_PER_ROUND
+
+
+def test_dp_step_section_runs_without_flower_and_ray(tmp_path):
+    # Prepare: scripts/bench.py --smoke --only dp_step, with flwr, ray and the rest unimportable
+    out = tmp_path / "bench.json"
+    script = WITHOUT_FLOWER_AND_RAY + textwrap.dedent(
+        f"""
+        import runpy
+        sys.argv = ["bench.py", "--smoke", "--only", "dp_step", "--device", "cpu", "--out", {str(out)!r}]
+        try:
+            runpy.run_path({str(REPO / "scripts" / "bench.py")!r}, run_name="__main__")
+        finally:
+            loaded = sorted(m for m in sys.modules if m.partition(".")[0] in ("flwr", "ray", "hydra", "dp_accounting"))
+            print("loaded:", loaded)
+        """
+    )
+
+    # Execute
+    result = subprocess.run(
+        [sys.executable, "-c", script],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=tmp_path,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+    )
+
+    # Assert
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "loaded: []" in result.stdout
+    document = json.loads(out.read_text())
+    assert document["machine"]["flwr"] is None
+    assert document["machine"]["device"] == document["dp_step"]["device"] == "cpu"
+    steps = document["dp_step"]["steps"]
+    assert {(row["model"], row["mode"], row["batch_size"]) for row in steps} == {
+        (model, mode, 64) for model in bench.STEP_MODELS for mode in bench.GRAD_SAMPLE_MODES
+    }
+    assert all(row["ratio"] > 0 for row in steps + document["dp_step"]["rounds"])

@@ -109,6 +109,8 @@ def test_run_config_rebuilds_the_same_experiment_as_hydra():
         (["model=cnn28"], "model=cnn28"),
         (["model.hidden_sizes=[0]"], "model.hidden_sizes=[0]"),
         (["mode.client_num_cpus=0"], "mode.client_num_cpus=0"),
+        (["mode.ray_address=localhost"], "mode.ray_address='localhost': must be HOST:PORT"),
+        (["mode.ray_address=10.0.0.5:0"], "mode.ray_address='10.0.0.5:0'"),
     ],
 )
 def test_bad_values_are_refused_naming_key_and_value(overrides, message):

@@ -25,8 +25,6 @@ from fedpriv.privacy.accounting import (
     history_to_lists,
     record_steps,
 )
-from fedpriv.privacy.laplace_accounting import laplace_basic_epsilon, laplace_epsilon
-from fedpriv.privacy.skellam import skellam_epsilon
 
 MECHANISMS = ("gaussian", "laplace", "skellam")
 """What a ledger's releases are: Poisson-sampled Gaussian, Laplace (local DP), or
@@ -101,7 +99,11 @@ class PrivacyLedger:
 
         A Gaussian mechanism has no pure-DP bound, so there is no basic composition to report.
         """
-        return laplace_basic_epsilon(self._history) if self.mechanism == "laplace" else None
+        if self.mechanism != "laplace":
+            return None
+        from fedpriv.privacy.laplace_accounting import laplace_basic_epsilon
+
+        return laplace_basic_epsilon(self._history)
 
     def epsilon_if_over(
         self, *, max_epsilon: float | None, delta: float, noise_multiplier: float, sample_rate: float, steps: int = 1
@@ -136,9 +138,16 @@ def _epsilon(history: tuple[HistoryEntry, ...], delta: float, accountant: str, m
     # A budget check projects the very history that is recorded right after
     # (server: before sampling, then after the round; client: before training,
     # then for its reply): the expensive PRV computation runs once for both.
+    # dp-accounting is imported for the mechanisms that need it only: a Gaussian
+    # ledger (DP-SGD) works where only torch and Opacus are installed, as
+    # scripts/bench.py's section 3 on a bare GPU machine.
     if mechanism == "laplace":
+        from fedpriv.privacy.laplace_accounting import laplace_epsilon
+
         return laplace_epsilon(history, delta=delta)
     if mechanism == "skellam":
+        from fedpriv.privacy.skellam import skellam_epsilon
+
         return skellam_epsilon(history, delta=delta)
     return compute_epsilon(history, delta=delta, accountant=accountant)
 
