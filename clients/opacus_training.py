@@ -49,7 +49,7 @@ from fedpriv.checks import check_choice, check_delta, check_noise_multiplier, ch
 from fedpriv.logs import get_logger
 from fedpriv.opacus_logging import opacus_logging_contained
 from fedpriv.protocol import PRIVACY_REPLY_KEYS
-from fedpriv.training import make_optimizer
+from fedpriv.training import anchor_copies, make_optimizer, proximal_gradients, trainable_parameters
 
 logger = get_logger(__name__)
 
@@ -139,6 +139,33 @@ def _stage_empty_batch(optimizer, *, ghost: bool) -> None:
             param.grad = torch.zeros_like(param)
         else:
             param.grad_sample = param.new_zeros((0, *param.shape))
+
+
+def add_proximal_per_example(model: nn.Module, anchors: list[torch.Tensor], *, mu: float) -> None:
+    """Add FedProx's ``mu * (w - w_global)`` to every example's gradient, before Opacus clips them.
+
+    The proximal term depends on the parameters, not on the data, so autograd
+    would put its gradient into ``p.grad`` only; Opacus' ``DPOptimizer``
+    builds the step from ``p.grad_sample`` alone and would drop it. Added to
+    each row of ``p.grad_sample``, it makes every example's gradient that of
+    ``loss_i + mu / 2 * ||w - w_global||^2``, which is then clipped to
+    ``max_grad_norm`` as a whole: one example still moves the noisy sum by at
+    most the clipping norm, so the guarantee is DP-SGD's, unchanged.
+
+    Parameters
+    ----------
+    model : nn.Module
+        The model Opacus wraps (its parameters carry ``grad_sample`` after
+        the backward pass of a non-empty batch).
+    anchors : list of torch.Tensor
+        :func:`fedpriv.training.anchor_copies` of the round's global model.
+    mu : float
+        The proximal weight.
+    """
+    extras = proximal_gradients(model, anchors, mu=mu)
+    with torch.no_grad():
+        for param, extra in zip(trainable_parameters(model), extras, strict=True):
+            param.grad_sample.add_(extra)  # broadcast over the batch dimension
 
 
 def noisy_count(n: int, *, noise_multiplier: float, rng: np.random.Generator) -> float:
@@ -266,6 +293,11 @@ class OpacusTraining:
         weights, the fastest on fedpriv's models, see
         ``scripts/bench.py``, section 3), ``hooks``, ``functorch`` or
         ``ghost`` (ghost clipping). All give the same update.
+    proximal_mu : float
+        FedProx's proximal weight ``mu`` in ``[0, 1000]``: ``mu * (w -
+        w_global)`` joins every example's gradient before clipping (see
+        :func:`add_proximal_per_example`). Ghost clipping computes per-example
+        norms without per-example gradients, so ``ghost`` refuses ``mu > 0``.
     count_noise_multiplier : float
         Standard deviation of the Gaussian noise on the released data set
         size, ``>= 1`` (10 costs about 0.01 epsilon next to a DP-SGD epsilon
@@ -284,6 +316,7 @@ class OpacusTraining:
     lr: float = 0.5
     momentum: float = 0.5
     weight_decay: float = 0.0
+    proximal_mu: float = 0.0
     noise_multiplier: float | None = None
     target_epsilon: float | None = None
     max_grad_norm: float = 1.0
@@ -311,6 +344,12 @@ class OpacusTraining:
         if self.target_delta is not None:
             check_delta("client.target_delta", self.target_delta)
         check_choice("client.grad_sample_mode", self.grad_sample_mode, GRAD_SAMPLE_MODES)
+        if self.proximal_mu and self.grad_sample_mode == "ghost":
+            raise ValueError(
+                f"client.proximal_mu={self.proximal_mu!r}: grad_sample_mode='ghost' clips per-example norms "
+                "without per-example gradients, so the proximal term cannot be clipped with them; "
+                "use client.grad_sample_mode=ew, hooks or functorch"
+            )
         # Below the count's sensitivity (1) the release costs epsilon > 4 at
         # delta 1e-5 and the accountants' numerics break down.
         check_real("client.count_noise_multiplier", self.count_noise_multiplier, minimum=1.0, maximum=_MAX_COUNT_NOISE)
@@ -537,6 +576,7 @@ class OpacusTraining:
             from opacus import PrivacyEngine
 
         ghost = self.grad_sample_mode == "ghost"
+        anchors = anchor_copies(model) if self.proximal_mu else []
         with _opacus_chatter_silenced():
             engine = PrivacyEngine(accountant=self.accountant)
             engine.accountant.history = list(history)
@@ -571,6 +611,8 @@ class OpacusTraining:
                             _stage_empty_batch(optimizer, ghost=ghost)
                         else:
                             criterion(module(batch_x), batch_y).backward()
+                            if self.proximal_mu:
+                                add_proximal_per_example(model, anchors, mu=self.proximal_mu)
                         optimizer.step()
             finally:
                 optimizer.zero_grad(set_to_none=True)
