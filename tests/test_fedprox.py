@@ -62,6 +62,14 @@ def test_plain_training_steps_along_the_analytic_fedprox_gradient():
     np.testing.assert_allclose(model.bias.detach().numpy(), b1 - lr * (grad_b + mu * (b1 - b0)), atol=1e-6)
 
 
+def reference_fedprox_step(model, x, y, *, anchors, mu, optimizer) -> None:
+    """One step of ``optimizer`` on autograd's gradient of ``loss + mu/2 ||w - anchors||^2``."""
+    optimizer.zero_grad()
+    proximal = sum(((p - a) ** 2).sum() for p, a in zip(model.parameters(), anchors, strict=True))
+    (nn.CrossEntropyLoss()(model(x), y) + mu / 2 * proximal).backward()
+    optimizer.step()
+
+
 def test_train_epochs_matches_autograd_on_the_fedprox_objective():
     # Prepare: several mini-batch steps with momentum, against autograd of loss + mu/2 ||w - w0||^2
     torch.manual_seed(1)
@@ -80,10 +88,7 @@ def test_train_epochs_matches_autograd_on_the_fedprox_objective():
         order = torch.randperm(20, generator=generator)
         for start in range(0, 20, 7):
             batch = order[start : start + 7]
-            optimizer.zero_grad()
-            proximal = sum(((p - a) ** 2).sum() for p, a in zip(reference.parameters(), anchors, strict=True))
-            (nn.CrossEntropyLoss()(reference(x[batch]), y[batch]) + mu / 2 * proximal).backward()
-            optimizer.step()
+            reference_fedprox_step(reference, x[batch], y[batch], anchors=anchors, mu=mu, optimizer=optimizer)
 
     # Assert
     for a, b in zip(ours.parameters(), reference.parameters(), strict=True):
@@ -141,12 +146,7 @@ def test_with_a_huge_clip_and_no_noise_the_private_step_is_the_plain_fedprox_ste
 
     # Execute
     one_private_step(private, x, y, anchors=anchors, mu=mu, max_grad_norm=1e6, mode=mode)
-    optimizer = torch.optim.SGD(plain.parameters(), lr=0.1)
-    optimizer.zero_grad()
-    nn.CrossEntropyLoss()(plain(x), y).backward()
-    for param, extra in zip(plain.parameters(), proximal_gradients(plain, anchors, mu=mu), strict=True):
-        param.grad.add_(extra)
-    optimizer.step()
+    reference_fedprox_step(plain, x, y, anchors=anchors, mu=mu, optimizer=torch.optim.SGD(plain.parameters(), lr=0.1))
 
     # Assert
     for a, b in zip(private.parameters(), plain.parameters(), strict=True):
