@@ -52,8 +52,10 @@ class LocalDPTraining(PlainTraining):
 
     Parameters
     ----------
-    local_epochs, batch_size, optimizer, lr, momentum, weight_decay
-        As for :class:`clients.PlainTraining`.
+    local_epochs, batch_size, optimizer, lr, momentum, weight_decay, proximal_mu
+        As for :class:`clients.PlainTraining` (training is plain; the privacy
+        comes from clipping and noising the update it produces, whatever the
+        loss was).
     mechanism : str
         ``laplace`` (L1 clipping) or ``gaussian`` (L2 clipping).
     clipping_norm : float

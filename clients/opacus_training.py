@@ -49,7 +49,7 @@ from fedpriv.devices import client_device
 from fedpriv.logs import get_logger
 from fedpriv.opacus_logging import opacus_logging_contained
 from fedpriv.protocol import PRIVACY_REPLY_KEYS
-from fedpriv.training import make_torch_optimizer
+from fedpriv.training import anchor_copies, make_torch_optimizer, proximal_gradients, trainable_parameters
 
 if TYPE_CHECKING:
     from flwr.app import RecordDict
@@ -223,6 +223,33 @@ def _expanded_weights_cover(model: nn.Module) -> bool:
     )
 
 
+def add_proximal_per_example(model: nn.Module, anchors: list[torch.Tensor], *, mu: float) -> None:
+    """Add FedProx's ``mu * (w - w_global)`` to every example's gradient, before Opacus clips them.
+
+    The proximal term depends on the parameters, not on the data, so autograd
+    would put its gradient into ``p.grad`` only; Opacus' ``DPOptimizer``
+    builds the step from ``p.grad_sample`` alone and would drop it. Added to
+    each row of ``p.grad_sample``, it makes every example's gradient that of
+    ``loss_i + mu / 2 * ||w - w_global||^2``, which is then clipped to
+    ``max_grad_norm`` as a whole: one example still moves the noisy sum by at
+    most the clipping norm, so the guarantee is DP-SGD's, unchanged.
+
+    Parameters
+    ----------
+    model : nn.Module
+        The model Opacus wraps (its parameters carry ``grad_sample`` after
+        the backward pass of a non-empty batch).
+    anchors : list of torch.Tensor
+        :func:`fedpriv.training.anchor_copies` of the round's global model.
+    mu : float
+        The proximal weight.
+    """
+    extras = proximal_gradients(model, anchors, mu=mu)
+    with torch.no_grad():
+        for param, extra in zip(trainable_parameters(model), extras, strict=True):
+            param.grad_sample.add_(extra)  # broadcast over the batch dimension
+
+
 def noisy_count(n: int, *, noise_multiplier: float, rng: np.random.Generator) -> float:
     """Release a data set size with the Gaussian mechanism (sensitivity 1).
 
@@ -354,6 +381,12 @@ class OpacusTraining:
         ``scripts/bench.py``, section 3), ``hooks``, ``functorch``, ``ghost``
         (ghost clipping), or ``auto``, picked by device and batch size
         (:func:`auto_grad_sample_mode`). All give the same update.
+    proximal_mu : float
+        FedProx's proximal weight ``mu`` in ``[0, 1000]``: ``mu * (w -
+        w_global)`` joins every example's gradient before clipping (see
+        :func:`add_proximal_per_example`). Ghost clipping computes per-example
+        norms without per-example gradients, so ``ghost`` refuses ``mu > 0``
+        and ``auto`` does not pick it then.
     count_noise_multiplier : float
         Standard deviation of the Gaussian noise on the released data set
         size, ``>= 1`` (10 costs about 0.01 epsilon next to a DP-SGD epsilon
@@ -376,6 +409,7 @@ class OpacusTraining:
     lr: float = 0.5
     momentum: float = 0.5
     weight_decay: float = 0.0
+    proximal_mu: float = 0.0
     noise_multiplier: float | None = None
     target_epsilon: float | None = None
     max_grad_norm: float = 1.0
@@ -404,6 +438,12 @@ class OpacusTraining:
         if self.target_delta is not None:
             check_delta("client.target_delta", self.target_delta)
         check_choice("client.grad_sample_mode", self.grad_sample_mode, (*GRAD_SAMPLE_MODES, AUTO))
+        if self.proximal_mu and self.grad_sample_mode == "ghost":
+            raise ValueError(
+                f"client.proximal_mu={self.proximal_mu!r}: grad_sample_mode='ghost' clips per-example norms "
+                "without per-example gradients, so the proximal term cannot be clipped with them; "
+                "use client.grad_sample_mode=ew, hooks, functorch or auto"
+            )
         # Below the count's sensitivity (1) the release costs epsilon > 4 at
         # delta 1e-5 and the accountants' numerics break down.
         check_real("client.count_noise_multiplier", self.count_noise_multiplier, minimum=1.0, maximum=_MAX_COUNT_NOISE)
@@ -415,7 +455,11 @@ class OpacusTraining:
         """The mode ``model`` trains with on ``device``: ``grad_sample_mode``, or what ``auto`` picks."""
         if self.grad_sample_mode != AUTO:
             return self.grad_sample_mode
-        return auto_grad_sample_mode(device_type=device.type, batch_size=self.batch_size, model=model)
+        mode = auto_grad_sample_mode(device_type=device.type, batch_size=self.batch_size, model=model)
+        if mode == "ghost" and self.proximal_mu:
+            # Ghost clipping forms no per-example gradients to add the proximal term to.
+            return "ew" if _expanded_weights_cover(model) else "hooks"
+        return mode
 
     def target_delta_for(self, count: float) -> float:
         """The delta of a client of (noisy) size ``count``.
@@ -642,6 +686,7 @@ class OpacusTraining:
         mode = self.grad_sample_mode_for(model, device=device)
         ghost = mode == "ghost"
         model.to(device)
+        anchors = anchor_copies(model) if self.proximal_mu else []
         with _opacus_chatter_silenced():
             engine = PrivacyEngine(accountant=self.accountant)
             engine.accountant.history = list(history)
@@ -676,6 +721,8 @@ class OpacusTraining:
                             _stage_empty_batch(optimizer, ghost=ghost)
                         else:
                             criterion(module(batch_x.to(device)), batch_y.to(device)).backward()
+                            if self.proximal_mu:
+                                add_proximal_per_example(model, anchors, mu=self.proximal_mu)
                         optimizer.step()
             finally:
                 optimizer.zero_grad(set_to_none=True)

@@ -16,10 +16,11 @@ MAX_LOCAL_EPOCHS = 10_000
 MAX_BATCH_SIZE = 10**7
 MAX_LR = 1e3
 MAX_WEIGHT_DECAY = 1e3
+MAX_PROXIMAL_MU = 1e3
 
 
 def check_training_settings(training) -> None:
-    """Validate the settings every local training shares (epochs, batches, optimizer, device).
+    """Validate the settings every local training shares (epochs, batches, optimizer, proximal term, device).
 
     Raises
     ------
@@ -34,6 +35,7 @@ def check_training_settings(training) -> None:
     if momentum >= 1:
         raise ValueError(f"client.momentum={training.momentum!r}: must be in [0, 1)")
     check_real("client.weight_decay", training.weight_decay, minimum=0.0, maximum=MAX_WEIGHT_DECAY)
+    check_real("client.proximal_mu", training.proximal_mu, minimum=0.0, maximum=MAX_PROXIMAL_MU)
     check_choice("client.device", training.device, DEVICES)
 
 
@@ -76,6 +78,10 @@ class PlainTraining:
         SGD momentum (ignored by Adam).
     weight_decay : float
         L2 penalty.
+    proximal_mu : float
+        FedProx (Li et al. 2020): the weight ``mu`` of the proximal term
+        ``mu / 2 * ||w - w_global||^2`` added to the local loss, in ``[0,
+        1000]``; 0 is plain FedAvg training.
     device : str
         ``auto`` (the GPU Ray assigned to this client, else the CPU), ``cpu``
         or ``cuda``; see :mod:`fedpriv.devices`.
@@ -92,6 +98,7 @@ class PlainTraining:
     lr: float = 0.05
     momentum: float = 0.9
     weight_decay: float = 0.0
+    proximal_mu: float = 0.0
     device: str = "auto"
 
     def __post_init__(self) -> None:
@@ -139,6 +146,7 @@ class PlainTraining:
                 epochs=self.local_epochs,
                 batch_size=self.batch_size,
                 generator=generator,
+                proximal_mu=self.proximal_mu,
             )
         finally:
             model.to("cpu")

@@ -58,6 +58,7 @@ def check_real(
     minimum: float | None = None,
     maximum: float | None = None,
     above: float | None = None,
+    below: float | None = None,
 ) -> float:
     """A finite real number (not a bool) with the given bounds.
 
@@ -69,6 +70,8 @@ def check_real(
         Inclusive bounds.
     above : float, optional
         Exclusive lower bound (``value > above``); used instead of ``minimum``.
+    below : float, optional
+        Exclusive upper bound (``value < below``); used instead of ``maximum``.
 
     Raises
     ------
@@ -76,12 +79,13 @@ def check_real(
         ``key=value: must be ...`` naming the interval, or ``must be finite``.
     """
     low = above if above is not None else minimum
-    if low is not None and maximum is not None:
-        rule = f"must be in {_interval(low, maximum, open_low=above is not None)}"
+    high = below if below is not None else maximum
+    if low is not None and high is not None:
+        rule = f"must be in {_interval(low, high, open_low=above is not None, open_high=below is not None)}"
     elif low is not None:
         rule = f"must be {'>' if above is not None else '>='} {low:g}"
-    elif maximum is not None:
-        rule = f"must be <= {maximum:g}"
+    elif high is not None:
+        rule = f"must be {'<' if below is not None else '<='} {high:g}"
     else:
         rule = "must be finite"
     if isinstance(value, bool) or not isinstance(value, Real):
@@ -91,7 +95,7 @@ def check_real(
         raise fail(key, value, finite)
     if (above is not None and not value > above) or (minimum is not None and value < minimum):
         raise fail(key, value, rule)
-    if maximum is not None and value > maximum:
+    if (maximum is not None and value > maximum) or (below is not None and not value < below):
         raise fail(key, value, rule)
     return float(value)
 

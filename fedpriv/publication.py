@@ -40,6 +40,7 @@ CLIENT_LEVEL_PUBLIC_ROUND = frozenset(
         "noise_std",
         "unclipped_fraction_noisy",
         "diverged",
+        "server_update_norm",
     }
 )
 """Round fields that are DP outputs or public config under client-level DP.
@@ -48,7 +49,9 @@ The server's test metrics (loss, accuracy and, for binary tasks, AUC, balanced
 accuracy and cost) evaluate the noised model on the server's own data;
 the clipping norm of a round is public config or (adaptive clipping) a
 function of earlier noised counts; ``unclipped_fraction_noisy`` is the noised
-count itself; ``diverged`` says the released (noised) model was not finite.
+count itself; ``diverged`` says the released (noised) model was not finite;
+``server_update_norm`` is the distance between two released global models
+(the server optimizer reads only the noised aggregate).
 """
 
 CLIENT_LEVEL_PUBLIC_FINAL = frozenset(

@@ -86,6 +86,26 @@ def make_torch_optimizer(
     raise ValueError(f"client.optimizer={name!r}: must be one of {list(OPTIMIZERS)}")
 
 
+def trainable_parameters(model: nn.Module) -> list[nn.Parameter]:
+    """``model``'s parameters that training updates, in order."""
+    return [param for param in model.parameters() if param.requires_grad]
+
+
+def anchor_copies(model: nn.Module) -> list[torch.Tensor]:
+    """Detached copies of ``model``'s trainable parameters: the ``w_global`` of a proximal term."""
+    return [param.detach().clone() for param in trainable_parameters(model)]
+
+
+@torch.no_grad()
+def proximal_gradients(model: nn.Module, anchors: list[torch.Tensor], *, mu: float) -> list[torch.Tensor]:
+    """The gradient of ``mu / 2 * ||w - w_global||^2``: ``mu * (w - w_global)`` per trainable parameter.
+
+    ``anchors`` are :func:`anchor_copies` of the model the round started from
+    (FedProx, Li et al. 2020). New tensors; the model is not touched.
+    """
+    return [mu * (param - anchor) for param, anchor in zip(trainable_parameters(model), anchors, strict=True)]
+
+
 def train_epochs(
     model: nn.Module,
     x: torch.Tensor,
@@ -95,19 +115,25 @@ def train_epochs(
     epochs: int,
     batch_size: int,
     generator: torch.Generator,
+    proximal_mu: float = 0.0,
 ) -> float:
     """Train ``model`` in place with shuffled mini-batches.
 
     ``model``, ``x`` and ``y`` are on one device; ``generator`` may be on
     another (the CPU), so that the batches do not depend on the device.
+    With ``proximal_mu > 0`` every step adds the gradient of FedProx's
+    proximal term ``mu / 2 * ||w - w_start||^2`` (``w_start``: the model on
+    entry, the round's global model) to the loss gradient.
 
     Returns
     -------
     float
-        Mean training loss over all examples seen.
+        Mean training loss over all examples seen (the data's loss, without
+        the proximal term).
     """
     model.train()
     loss_fn = nn.CrossEntropyLoss()
+    anchors = anchor_copies(model) if proximal_mu else []
     total, seen = 0.0, 0
     for _ in range(epochs):
         # Drawn on the generator's device (the CPU), used on the data's.
@@ -117,6 +143,10 @@ def train_epochs(
             optimizer.zero_grad(set_to_none=True)
             loss = loss_fn(model(x[batch]), y[batch])
             loss.backward()
+            if proximal_mu:
+                extras = proximal_gradients(model, anchors, mu=proximal_mu)
+                for param, extra in zip(trainable_parameters(model), extras, strict=True):
+                    param.grad.add_(extra)
             optimizer.step()
             total += loss.item() * len(batch)
             seen += len(batch)

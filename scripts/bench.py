@@ -27,11 +27,16 @@ load from other processes on the machine affects both sides alike:
    DP (``strategy=dp_fixed``) at the same total epsilon, on breast cancer, heart
    disease (IID over 10 clients) and digits; a plot goes next to ``--out``.
    ``--only local_dp`` runs it alone.
-
-Sections 9 to 11 measure secure aggregation, homomorphic encryption and
-compressed updates; section 12, deployment, the seconds per round of fedpriv
-on a local SuperLink with 4 SuperNodes against Flower's trivial app
-(``scripts/trivial_app.py``) on the same federation.
+9. secagg, 10. he, 11. compression: secure aggregation, homomorphic
+   encryption and compressed updates against the plain federation;
+12. deployment: seconds per round of fedpriv on a local SuperLink with 2 and 4
+   SuperNodes, against Flower's trivial app (``scripts/trivial_app.py``) on
+   the same federation;
+13. heterogeneity (full mode, ``--only heterogeneity``): FedAvg, FedProx,
+   FedAvgM and FedAdam on label-skewed MNIST-8k (or digits) and the four
+   heart-disease hospitals, with and without client-level DP, accuracy (AUC)
+   per round in a plot next to ``--out``; and final accuracy when 2 of 10
+   clients scale their update by -10, per ``strategy.aggregator``.
 
 The workload is MNIST-8k (the MNIST test file, 8,000 images for the clients,
 2,000 held out; CNN) with ``--mnist-root``, else scikit-learn's digits (MLP).
@@ -78,6 +83,7 @@ FLOWER_APPS = ("+mode.server_app=bench_apps:server_app", "+mode.client_app=bench
 SECTIONS = (
     "overhead", "dp_step", "accounting", "flower", "scale", "memory", "utility", "local_dp", "secagg", "he", "compression",
     "deployment",
+    "heterogeneity",
 )
 SAMPLED_PER_ROUND = 10
 
@@ -119,6 +125,8 @@ class Sizes:
         Rounds of each run of section 11 (0: skip it).
     deployment_supernodes : tuple[int, ...]
         Federation sizes of section 12 (empty: skip it).
+    heterogeneity_rounds : int
+        Rounds of each run of section 13 (0: skip it).
     """
 
     clients: int
@@ -137,6 +145,7 @@ class Sizes:
     he: bool
     compression_rounds: int
     deployment_supernodes: tuple[int, ...]
+    heterogeneity_rounds: int
 
 
 SIZES = {
@@ -157,6 +166,7 @@ SIZES = {
         he=False,
         compression_rounds=0,
         deployment_supernodes=(),
+        heterogeneity_rounds=0,
     ),
     "quick": Sizes(
         clients=10,
@@ -175,6 +185,7 @@ SIZES = {
         he=True,
         compression_rounds=5,
         deployment_supernodes=(4,),
+        heterogeneity_rounds=0,
     ),
     "full": Sizes(
         clients=10,
@@ -193,6 +204,7 @@ SIZES = {
         he=True,
         compression_rounds=20,
         deployment_supernodes=(2, 4),
+        heterogeneity_rounds=30,
     ),
 }
 
@@ -1090,6 +1102,112 @@ def bench_deployment(*, supernodes: tuple[int, ...], work_dir: Path) -> dict[str
            for count in supernodes},
     }
 
+# --- section 13: heterogeneous clients -----------------------------------------------------------
+
+HETEROGENEITY_METHODS = {
+    "FedAvg": [],
+    "FedProx mu 0.01": ["client.proximal_mu=0.01"],
+    "FedProx mu 0.1": ["client.proximal_mu=0.1"],
+    # Effective step server_lr / (1 - momentum) = 1, FedAvg's, reached within a few rounds.
+    "FedAvgM": ["strategy.server_lr=0.3", "strategy.server_momentum=0.7"],
+    "FedAdam": ["strategy.server_optimizer=adam"],
+}
+HETEROGENEITY_DP = ["strategy=dp_fixed", "strategy.noise_multiplier=1.0", "strategy.clipping_norm=0.5"]
+"""Client-level DP of section 13: every client in every round, one fixed noise multiplier."""
+POISONING_RUNS = {
+    "mean, no attack": ([], False),
+    "mean": ([], True),
+    "median": (["strategy.aggregator=median"], True),
+    "trimmed_mean": (["strategy.aggregator=trimmed_mean", "strategy.trim_fraction=0.2"], True),
+    "krum": (["strategy.aggregator=krum", "strategy.num_byzantine=2"], True),
+}
+POISONING_APP = "+mode.client_app=bench_apps:poisoning_client_app"
+
+
+def heterogeneity_datasets(workload: list[str]) -> dict[str, dict[str, Any]]:
+    """Section 13's federations: the workload with label skew over 10 clients, and the four hospitals.
+
+    ``adam_lr`` is FedAdam's server learning rate for the model (a CNN's
+    weights are small next to Flower's default 0.1; logistic regression's are not).
+    """
+    return {
+        "label skew": {
+            "overrides": [*workload, "num_clients=10", "partition=dirichlet", "partition.alpha=0.1"],
+            "metric": "test_accuracy",
+            "adam_lr": 0.01,
+        },
+        "heart disease": {
+            "overrides": ["dataset=heart_disease", "partition=natural", "num_clients=4"],
+            "metric": "test_auc",
+            "adam_lr": 0.1,
+        },
+    }
+
+
+def _per_round(run: dict[str, Any], metric: str) -> dict[str, Any]:
+    results = run["results"]
+    return {
+        "per_round": [row[metric] for row in results["rounds"]],
+        "final": results["final"][metric],
+        "epsilon_user": results["final"]["epsilon_user"],
+        "wall_seconds": run["wall_seconds"],
+    }
+
+
+def bench_heterogeneity(workload: list[str], *, rounds: int, work_dir: Path, plot_path: Path) -> dict[str, Any]:
+    """Section 13: each method with and without client-level DP on two heterogeneous federations; poisoning."""
+    from scripts.bench_apps import POISON_SCALE, POISONED_PARTITIONS
+
+    datasets = {}
+    for name, spec in heterogeneity_datasets(workload).items():
+        runs = {}
+        for method, extra in HETEROGENEITY_METHODS.items():
+            if method == "FedAdam":
+                extra = [*extra, f"strategy.server_lr={spec['adam_lr']}"]
+            runs[method] = {"overrides": extra}
+            for privacy, dp in (("no_dp", []), ("dp", HETEROGENEITY_DP)):
+                overrides = [*spec["overrides"], f"num_rounds={rounds}", *dp, *extra]
+                run = run_federation(overrides, out_dir=work_dir / f"heterogeneity_{_slug(name)}_{_slug(method)}_{privacy}")
+                runs[method][privacy] = _per_round(run, spec["metric"])
+        datasets[name] = {"overrides": spec["overrides"], "metric": spec["metric"], "runs": runs}
+    poisoning = {}
+    for name, (extra, attacked) in POISONING_RUNS.items():
+        overrides = [*workload, "num_clients=10", f"num_rounds={rounds}", *extra, *([POISONING_APP] if attacked else [])]
+        run = run_federation(overrides, out_dir=work_dir / f"poisoning_{_slug(name)}")
+        poisoning[name] = {"overrides": extra, "attacked": attacked, **_per_round(run, "test_accuracy")}
+    _plot_heterogeneity(datasets, path=plot_path)
+    return {
+        "rounds": rounds,
+        "dp": HETEROGENEITY_DP,
+        "datasets": datasets,
+        "poisoning": {"clients": 10, "poisoned": POISONED_PARTITIONS, "update_scale": POISON_SCALE, "runs": poisoning},
+        "plot": str(plot_path),
+    }
+
+
+def _plot_heterogeneity(datasets: dict[str, Any], *, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(len(datasets), 2, figsize=(11, 3.8 * len(datasets)), squeeze=False)
+    for row, (name, dataset) in zip(axes, datasets.items(), strict=True):
+        for ax, privacy in zip(row, ("no_dp", "dp"), strict=True):
+            for method, runs in dataset["runs"].items():
+                values = runs[privacy]["per_round"]
+                ax.plot(range(1, len(values) + 1), values, label=method)
+            epsilon = next(iter(dataset["runs"].values()))["dp"]["epsilon_user"]
+            ax.set_title(f"{name}: {'no DP' if privacy == 'no_dp' else f'client-level DP, epsilon {epsilon:.1f}'}")
+            ax.set_xlabel("round")
+            ax.set_ylabel(dataset["metric"].replace("_", " "))
+            ax.legend(fontsize=8)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 # --- the report ---------------------------------------------------------------------------
 
 
@@ -1312,6 +1430,15 @@ def table_rows(sections: dict[str, Any]) -> list[tuple[str, str, str]]:
         rows.append((f"12 the same, {name}, trivial app with fedpriv's reply polling",
                      _fmt(s["ratio_to_flower_trivial_fast_polling"]),
                      f"{_fmt(apps['flower_trivial_fast_polling']['median_round_seconds'])}s"))
+    heterogeneity = sections.get("heterogeneity", {})
+    for name, dataset in heterogeneity.get("datasets", {}).items():
+        for method, runs in dataset["runs"].items():
+            rows.append((f"13 {name} {method}: final {dataset['metric']}, no DP / DP",
+                         f"{_fmt(runs['no_dp']['final'], 3)} / {_fmt(runs['dp']['final'], 3)}",
+                         f"epsilon_user {_fmt(runs['dp']['epsilon_user'])}"))
+    for name, run in heterogeneity.get("poisoning", {}).get("runs", {}).items():
+        rows.append((f"13 poisoning, {name}: final test accuracy", _fmt(run["final"], 3),
+                     "2 of 10 clients send -10 x their update" if run["attacked"] else "no attack"))
     for name, section in sections.items():
         if isinstance(section, dict) and "error" in section:
             rows.append((f"{name}: FAILED", "-", section["error"].splitlines()[0]))
@@ -1401,6 +1528,11 @@ def run_sections(
         )))
     if sizes.deployment_supernodes:
         steps.append(("deployment", lambda: bench_deployment(supernodes=sizes.deployment_supernodes, work_dir=work_dir)))
+    if sizes.heterogeneity_rounds:
+        steps.append(("heterogeneity", lambda: bench_heterogeneity(
+            workload, rounds=sizes.heterogeneity_rounds, work_dir=work_dir,
+            plot_path=plot_path.with_name(plot_path.name.replace("_local_dp", "_heterogeneity")),
+        )))
     if only is not None:
         steps = [(name, step) for name, step in steps if name == only]
     for name, step in steps:

@@ -5,11 +5,16 @@
 - ``client_app``: record-level DP-SGD written the way Flower's Opacus example
   writes it: a new ``PrivacyEngine`` every round (Opacus' defaults, so
   ``grad_sample_mode="hooks"``), so the epsilon it reports covers that round only.
+- ``poisoning_client_app``: fedpriv's own ClientApp, except that the nodes of
+  the first :data:`POISONED_PARTITIONS` partitions send the received model plus
+  :data:`POISON_SCALE` times their update: well-formed, harmful replies for the
+  robust-aggregation measurements (section 12). An attack to measure, not a
+  product option.
 
 The bench selects the apps with ``+mode.server_app=bench_apps:server_app
-+mode.client_app=bench_apps:client_app``; ``scripts/`` must then be on
-``PYTHONPATH`` so that Ray's workers import this module. Its scale runs use
-``dataset=synthetic`` (:class:`fedpriv.datasets.Synthetic`).
++mode.client_app=bench_apps:client_app`` (or ``bench_apps:poisoning_client_app``);
+``scripts/`` must then be on ``PYTHONPATH`` so that Ray's workers import this
+module. Its scale runs use ``dataset=synthetic`` (:class:`fedpriv.datasets.Synthetic`).
 """
 
 from __future__ import annotations
@@ -19,13 +24,14 @@ import time
 from pathlib import Path
 
 import torch
-from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import Array, ArrayRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.serverapp import Grid, ServerApp
 from flwr.serverapp.strategy import FedAvg
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
+from clients import client_app as fedpriv_client_app
 from fedpriv.experiment import client_examples, experiment_from_run_config
 from fedpriv.opacus_logging import opacus_logging_contained
 from fedpriv.protocol import WEIGHT_KEY
@@ -33,6 +39,9 @@ from fedpriv.training import evaluate
 
 server_app = ServerApp()
 client_app = ClientApp()
+poisoning_client_app = ClientApp()
+POISONED_PARTITIONS = 2
+POISON_SCALE = -10.0
 
 
 @client_app.train()
@@ -77,6 +86,21 @@ def train(msg: Message, context: Context) -> Message:
     content = RecordDict(
         {"arrays": ArrayRecord(model._module.state_dict()), "metrics": MetricRecord(metrics)}
     )
+    return Message(content=content, reply_to=msg)
+
+
+@poisoning_client_app.train()
+def poisoned_train(msg: Message, context: Context) -> Message:
+    """fedpriv's training; partitions below :data:`POISONED_PARTITIONS` scale their update by :data:`POISON_SCALE`."""
+    answer = fedpriv_client_app.train(msg, context)
+    if int(context.node_config["partition-id"]) >= POISONED_PARTITIONS or answer.has_error():
+        return answer
+    received, trained = msg.content["arrays"], answer.content["arrays"]
+    poisoned = ArrayRecord({
+        name: Array(received[name].numpy() + POISON_SCALE * (trained[name].numpy() - received[name].numpy()))
+        for name in trained
+    })
+    content = RecordDict({"arrays": poisoned, "metrics": answer.content["metrics"]})
     return Message(content=content, reply_to=msg)
 
 

@@ -300,21 +300,6 @@ def _normalised(weights: Sequence[float]) -> list[float]:
     return [w / total for w in scaled]
 
 
-def apply_server_lr(
-    global_arrays: Sequence[np.ndarray], target: Sequence[np.ndarray], *, server_lr: float
-) -> list[np.ndarray]:
-    """Move the global model ``server_lr`` of the way towards ``target``.
-
-    ``server_lr == 1`` returns ``target`` itself (plain FedAvg).
-    """
-    if server_lr == 1.0:
-        return list(target)
-    return [
-        (g.astype(np.float64) + server_lr * (t.astype(np.float64) - g)).astype(g.dtype)
-        for g, t in zip(global_arrays, target, strict=True)
-    ]
-
-
 def weighted_metrics(
     metrics: Sequence[Mapping[str, float]], weights: Sequence[float]
 ) -> dict[str, float]:

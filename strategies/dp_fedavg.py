@@ -80,7 +80,9 @@ class DPFedAvg(WeightedFedAvg):
        clients), so one client moves the average by at most
        ``clipping_norm / D`` whatever it reports;
     5. Gaussian noise with std ``noise_multiplier * clipping_norm / D`` is
-       added, then the server learning rate is applied.
+       added, then the server optimizer steps with the noised aggregate: it
+       reads only that DP release, so its step (momentum, Adam's moments) is
+       post-processing and costs no epsilon.
 
     The estimator ``sum_k w_k clip(u_k) / D`` is unbiased for the mean
     clipped update when every weight is 1; clients with ``num_examples <
@@ -137,9 +139,11 @@ class DPFedAvg(WeightedFedAvg):
         clipped sum before the noise, counted in the round's ``num_canaries``.
     **kwargs
         Passed to :class:`WeightedFedAvg` (``min_available_nodes``,
-        ``server_lr``, ``node_wait_seconds``, ...). Training sampling is
-        Poisson, so ``fraction_train`` and ``min_train_nodes`` are refused,
-        and ``min_valid_replies`` too: every round releases a model.
+        ``server_optimizer``, ``server_lr``, ``node_wait_seconds``, ...).
+        Training sampling is Poisson, so ``fraction_train`` and
+        ``min_train_nodes`` are refused, and ``min_valid_replies`` too: every
+        round releases a model. A robust ``aggregator`` is refused: its
+        sensitivity is not the clipped mean's that the noise is calibrated to.
     """
 
     accepts_extra_updates = True
@@ -173,6 +177,12 @@ class DPFedAvg(WeightedFedAvg):
                 "clients with sample_rate and releases a model every round"
             )
         super().__init__(**kwargs)
+        if self.robust.enabled:
+            raise ValueError(
+                f"strategy.aggregator={self.robust.name!r}: client-level DP noise is calibrated to the clipped "
+                "mean's sensitivity (clipping_norm / (sample_rate * num_clients)); a robust aggregate of clipped "
+                "updates has another, which is not accounted; use strategy.aggregator=mean with DP-FedAvg"
+            )
         if self.fraction_evaluate > 0:
             raise ValueError(
                 f"strategy.fraction_evaluate={self.fraction_evaluate:g}: federated evaluation releases exact "

@@ -12,6 +12,7 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
 from fedpriv.checks import check_fraction, check_int, check_real
+from fedpriv.flat import flat_vector
 from fedpriv.logs import get_logger
 from fedpriv.protocol import ROUND_KEY
 from fedpriv.publication import CLIENT_LEVEL_PUBLIC_ROUND, split_public
@@ -21,7 +22,6 @@ from strategies.aggregation import (
     RejectedReply,
     TrainReply,
     add_flat,
-    apply_server_lr,
     array_spec,
     parse_compressed_reply,
     parse_decline,
@@ -41,13 +41,14 @@ from fedpriv.secagg.messages import encoding_to_record
 from strategies.client_privacy import REPLY_PRIVACY_KEYS, ClientPrivacyTally
 from strategies.communication import TrafficTally
 from strategies.nodes import NodeTracker
+from strategies.robust import RobustAggregation
+from strategies.server_optimizers import DEFAULT_SERVER_LR, OptimizerState, ServerOptimizer
 from strategies.he_server import EncryptedSum, parse_encrypted_reply
 from strategies.secagg_server import SecAggOutcome, SecAggPlusRound, parse_setup_reply
 
 logger = get_logger(__name__)
 
 ALL_DECLINED = "every client has declined: record-level budget spent or privacy ledger missing"
-MAX_SERVER_LR = 1e3
 MAX_WAIT_SECONDS = 1e7
 
 
@@ -67,8 +68,8 @@ class StopRun(Exception):
 class WeightedFedAvg(Strategy):
     """Federated averaging weighted by ``num-examples``, with reply validation.
 
-    On valid replies and ``server_lr = 1`` the new global model equals Flower's
-    ``FedAvg``. Every reply is checked against the global model that was sent
+    On valid replies, with the default ``sgd`` server step at ``server_lr = 1``,
+    the new global model equals Flower's ``FedAvg``. Every reply is checked against the global model that was sent
     (names, shapes, dtypes, finite values, a positive finite ``num-examples``);
     error replies and malformed ones are rejected with a logged reason and
     counted in the round's ``num_rejected``. With fewer than
@@ -100,6 +101,14 @@ class WeightedFedAvg(Strategy):
     reply: a "node unavailable" error or nothing by ``round_timeout``), so
     ``num_sampled = num_clients + num_rejected + num_declined +
     num_unreachable``.
+
+    Server step and aggregation. ``aggregator`` says how a round's valid
+    models are combined: the example-weighted mean, or a robust rule that
+    ignores weights (:mod:`strategies.robust`). The server optimizer
+    (:mod:`strategies.server_optimizers`) then steps from the global model
+    with the aggregate; its state (momentum, moments) is part of
+    :meth:`resume_state`. Every round reports ``server_update_norm``, the L2
+    norm of the new global model minus the old one.
 
     Divergence. A round whose aggregated model has a non-finite value, or
     whose model the ServerApp finds non-finite on evaluation
@@ -136,8 +145,25 @@ class WeightedFedAvg(Strategy):
         Lower bound on nodes sampled for federated evaluation when it is on.
     min_valid_replies : int
         Valid replies needed to update the model in a round.
-    server_lr : float
-        Step size of the server update ``global + server_lr * (average - global)``.
+    server_optimizer : str
+        ``sgd`` (``global + server_lr * (aggregate - global)``, with
+        ``server_momentum``: FedAvgM), ``adam``, ``yogi`` or ``adagrad``
+        (Reddi et al. 2021; see :class:`strategies.server_optimizers.ServerOptimizer`).
+    server_lr : float or None
+        The server learning rate; ``None`` takes the optimizer's default
+        (:data:`strategies.server_optimizers.DEFAULT_SERVER_LR`: 1 for
+        ``sgd``, Flower's for the others).
+    server_momentum : float
+        ``sgd`` only: momentum in ``[0, 1)``.
+    beta1, beta2, tau : float
+        ``adam``, ``yogi``, ``adagrad``: moment decays and adaptivity.
+    aggregator : str
+        ``mean`` (weighted by ``num-examples``), ``median``, ``trimmed_mean``
+        or ``krum`` (unweighted; see :class:`strategies.robust.RobustAggregation`).
+    trim_fraction : float
+        ``trimmed_mean``: the fraction cut from each end, in ``[0, 0.5)``.
+    num_byzantine : int
+        ``krum``: the number of attackers assumed.
     seed : int
         Seed of the node sampling (per round, over the sorted node ids).
     node_wait_seconds : float
@@ -157,7 +183,15 @@ class WeightedFedAvg(Strategy):
         fraction_evaluate: float = 0.0,
         min_evaluate_nodes: int = 1,
         min_valid_replies: int = 1,
-        server_lr: float = 1.0,
+        server_optimizer: str = "sgd",
+        server_lr: float | None = None,
+        server_momentum: float = 0.0,
+        beta1: float = 0.9,
+        beta2: float = 0.99,
+        tau: float = 1e-3,
+        aggregator: str = "mean",
+        trim_fraction: float = 0.2,
+        num_byzantine: int = 0,
         seed: int = 0,
         node_wait_seconds: float = 300.0,
         max_diverged_rounds: int = 3,
@@ -169,7 +203,6 @@ class WeightedFedAvg(Strategy):
         check_int("strategy.min_evaluate_nodes", min_evaluate_nodes, minimum=0)
         check_int("strategy.min_valid_replies", min_valid_replies, minimum=1)
         check_int("strategy.max_diverged_rounds", max_diverged_rounds, minimum=1)
-        check_real("strategy.server_lr", server_lr, above=0.0, maximum=MAX_SERVER_LR)
         check_int("strategy.seed", seed, minimum=0)
         check_real("strategy.node_wait_seconds", node_wait_seconds, minimum=0.0, maximum=MAX_WAIT_SECONDS)
         if fraction_train == 0.0 and min_train_nodes == 0:
@@ -180,7 +213,17 @@ class WeightedFedAvg(Strategy):
         self.fraction_evaluate = float(fraction_evaluate)
         self.min_evaluate_nodes = min_evaluate_nodes
         self.min_valid_replies = min_valid_replies
-        self.server_lr = float(server_lr)
+        self.optimizer = ServerOptimizer(
+            name=server_optimizer,
+            lr=DEFAULT_SERVER_LR.get(server_optimizer, 1.0) if server_lr is None else server_lr,
+            momentum=server_momentum,
+            beta1=beta1,
+            beta2=beta2,
+            tau=tau,
+        )
+        self.optimizer_state = OptimizerState()
+        self._round_start_state = self.optimizer_state  # restored when the round's model is rejected
+        self.robust = RobustAggregation(name=aggregator, trim_fraction=trim_fraction, num_byzantine=num_byzantine)
         self.seed = seed
         self.node_wait_seconds = node_wait_seconds
         self.max_diverged_rounds = max_diverged_rounds
@@ -222,13 +265,15 @@ class WeightedFedAvg(Strategy):
         Raises
         ------
         ValueError
-            If this strategy needs to see individual updates.
+            If this strategy needs to see individual updates (adaptive
+            clipping, a robust aggregator).
         """
         if not self.supports_secure_aggregation:
             raise ValueError(
                 f"secure={secure.name}: {type(self).__name__} needs each client's update in the clear "
                 "(adaptive clipping counts clipped updates); use strategy=dp_fixed"
             )
+        self._refuse_robust_without_updates(secure)
         self.secure = secure
 
     def enable_compression(self, compression) -> None:
@@ -264,17 +309,29 @@ class WeightedFedAvg(Strategy):
         Raises
         ------
         ValueError
-            If this strategy must read updates, ``server_lr`` is not 1 (an
-            encrypted model cannot be divided on the server), or the context
-            holds a secret key.
+            If this strategy must read updates (DP, a robust aggregator), the
+            server step is not plain FedAvg (an optimizer reads the model it
+            steps from; an encrypted one cannot even be divided on the
+            server), or the context holds a secret key.
         """
         if not self.supports_homomorphic_encryption:
             raise ValueError(
                 f"secure={ckks.name}: {type(self).__name__} clips and noises updates on the server, which "
                 "cannot read encrypted ones; use client=opacus for DP with secure=ckks"
             )
-        if self.server_lr != 1.0:
-            raise ValueError(f"strategy.server_lr={self.server_lr:g}: secure={ckks.name} needs 1.0 (plain FedAvg)")
+        self._refuse_robust_without_updates(ckks)
+        optimizer = self.optimizer
+        if optimizer.name != "sgd":
+            raise ValueError(
+                f"strategy.server_optimizer={optimizer.name!r}: secure={ckks.name} keeps the model encrypted, "
+                "so the server can only add ciphertexts; use sgd with server_lr 1.0"
+            )
+        if optimizer.momentum != 0.0:
+            raise ValueError(
+                f"strategy.server_momentum={optimizer.momentum:g}: secure={ckks.name} needs 0 (plain FedAvg)"
+            )
+        if optimizer.lr != 1.0:
+            raise ValueError(f"strategy.server_lr={optimizer.lr:g}: secure={ckks.name} needs 1.0 (plain FedAvg)")
         if public_context is not None and public_context.is_private():
             raise ValueError("the server's CKKS context holds a secret key: it must hold the public key only")
         self.he = ckks
@@ -285,6 +342,20 @@ class WeightedFedAvg(Strategy):
         self._he_chunks = -(-(dimension + HEADER) // ckks.slots)
         if evaluate and self.fraction_evaluate == 0.0:
             self.fraction_evaluate = 1.0
+
+    def _refuse_robust_without_updates(self, secure) -> None:
+        """Robust aggregators read every client's model: refuse a protocol that hides them.
+
+        Raises
+        ------
+        ValueError
+            Naming ``strategy.aggregator`` and the protocol.
+        """
+        if self.robust.enabled:
+            raise ValueError(
+                f"strategy.aggregator={self.robust.name!r}: secure={secure.name} hides each client's update from "
+                "the server, and a robust aggregator must read each one; use strategy.aggregator=mean with it"
+            )
 
     @property
     def encrypted_model(self) -> bool:
@@ -326,15 +397,16 @@ class WeightedFedAvg(Strategy):
         """Log the strategy's configuration."""
         logger.info(
             "%s: fraction_train=%.2f (min %d), fraction_evaluate=%.2f, min_available_nodes=%d, "
-            "min_valid_replies=%d, server_lr=%g, seed=%d",
+            "min_valid_replies=%d, seed=%d; server step %s, aggregator %s",
             type(self).__name__,
             self.fraction_train,
             self.min_train_nodes,
             self.fraction_evaluate,
             self.min_available_nodes,
             self.min_valid_replies,
-            self.server_lr,
             self.seed,
+            self.optimizer,
+            self.robust,
         )
 
     def _trainable_nodes(self, grid: Grid) -> list[int]:
@@ -397,6 +469,7 @@ class WeightedFedAvg(Strategy):
             # The last round's model was rejected: Flower's loop still holds it.
             arrays, self._revert_to = self._revert_to, None
         self._sent = arrays
+        self._round_start_state = self.optimizer_state
         self._spec = array_spec(arrays)
         self._global = [array.numpy() for array in arrays.values()]
         self._round = server_round
@@ -488,8 +561,21 @@ class WeightedFedAvg(Strategy):
         return len(valid) >= self.min_valid_replies
 
     def aggregate_updates(self, server_round: int, valid: list[TrainReply]) -> list[np.ndarray]:
-        """Example-weighted average of the clients' models (subclasses add privacy)."""
-        return weighted_average([r.arrays for r in valid], [r.num_examples for r in valid])
+        """Example-weighted average of the clients' models, or the robust aggregator's (subclasses add privacy)."""
+        models = [r.arrays for r in valid]
+        if not self.robust.enabled:
+            return weighted_average(models, [r.num_examples for r in valid])
+        if self.robust.name == "krum" and len(valid) < 2 * self.robust.num_byzantine + 3:
+            logger.warning(
+                "round %d: krum with strategy.num_byzantine=%d needs at least %d valid replies for its "
+                "guarantee, got %d",
+                server_round,
+                self.robust.num_byzantine,
+                2 * self.robust.num_byzantine + 3,
+                len(valid),
+            )
+        combined, self._round_stats = self.robust.combine(models, node_ids=[r.node_id for r in valid])
+        return combined
 
     def _to_record(self, arrays: list[np.ndarray]) -> ArrayRecord:
         return ArrayRecord({name: Array(value) for name, value in zip(self._spec, arrays, strict=True)})
@@ -542,9 +628,14 @@ class WeightedFedAvg(Strategy):
         metrics.update({**nodes, **traffic})
         arrays = None
         if target is not None:
-            updated = apply_server_lr(self._global, target, server_lr=self.server_lr)
+            updated, state = self.optimizer.step(global_arrays=self._global, aggregate=target, state=self.optimizer_state)
             if all(np.all(np.isfinite(layer)) for layer in updated):
                 arrays = self._to_record(updated)
+                # A rejected model leaves the optimizer's state as it was, too.
+                self.optimizer_state = state
+                metrics["server_update_norm"] = float(
+                    np.linalg.norm(flat_vector(updated) - flat_vector(self._global))
+                )
         metrics.update(self.round_metrics(server_round))
         self.train_metrics[server_round] = metrics
         if arrays is None and target is not None:
@@ -687,6 +778,7 @@ class WeightedFedAvg(Strategy):
         ``server_round`` is the run's round number (after any resume).
         """
         self._revert_to = self._sent
+        self.optimizer_state = self._round_start_state
         self.num_diverged += 1
         self.train_metrics.setdefault(server_round, {})["diverged"] = 1
         logger.warning(
@@ -708,8 +800,16 @@ class WeightedFedAvg(Strategy):
         return {"epsilon_user": None, "delta_user": None, **self.client_privacy.summary()}
 
     def resume_state(self) -> dict[str, Any]:
-        """What a checkpoint keeps so that :meth:`restore` can go on after this round."""
-        return {**self.client_privacy.state(), **self.traffic.state()}
+        """What a checkpoint keeps so that :meth:`restore` can go on after this round.
+
+        The server optimizer's state travels as tensors (``torch.load`` with
+        ``weights_only`` reads them back bit for bit).
+        """
+        return {
+            **self.client_privacy.state(),
+            **self.traffic.state(),
+            "server_optimizer": self.optimizer_state.to_checkpoint(),
+        }
 
     def run_round(self, flower_round: int) -> int:
         """The run's number of Flower's round ``flower_round`` (Flower counts from 1 in every process).
@@ -726,6 +826,9 @@ class WeightedFedAvg(Strategy):
         self.completed_rounds = completed_rounds
         self.client_privacy.restore(state)
         self.traffic.restore(state)
+        self.optimizer_state = self._round_start_state = OptimizerState.from_checkpoint(
+            state.get("server_optimizer", {})
+        )
 
     def configure_evaluate(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid

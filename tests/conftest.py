@@ -84,6 +84,26 @@ class FakeGrid:
         return list(self.node_ids)
 
 
+def noisy_round(strategy, server_round: int, model: dict[str, np.ndarray], *, rng: np.random.Generator, nodes=range(1, 11)):
+    """One round on a fake grid from ``model``: every sampled node replies with ``model`` plus N(0, 1) noise.
+
+    Returns the round's new model (arrays by name).
+    """
+    from flwr.app import ConfigRecord
+
+    messages = strategy.configure_train(server_round, arrays_record(model), ConfigRecord(), FakeGrid(nodes))
+    replies = [
+        reply(
+            msg.metadata.dst_node_id,
+            {name: (value + rng.normal(size=value.shape)).astype(value.dtype) for name, value in model.items()},
+            {"num-examples": 50, "train_loss": 1.0},
+        )
+        for msg in messages
+    ]
+    arrays, _ = strategy.aggregate_train(server_round, replies)
+    return {name: arrays[name].numpy() for name in model}
+
+
 def pld_epsilon(history: Sequence[tuple[float, float, int]], *, delta: float) -> float:
     """The independent reference: Google dp-accounting's PLD epsilon.
 

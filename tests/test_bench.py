@@ -12,6 +12,7 @@ import sys
 import textwrap
 from pathlib import Path
 
+import numpy as np
 import pytest
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, RecordDict
 
@@ -196,3 +197,57 @@ def test_dp_step_section_runs_without_flower_and_ray(tmp_path):
         (model, mode, 64) for model in bench.STEP_MODELS for mode in bench.GRAD_SAMPLE_MODES
     }
     assert all(row["ratio"] > 0 for row in steps + document["dp_step"]["rounds"])
+
+
+def test_poisoning_clients_send_minus_ten_times_their_update_and_the_others_train_as_usual():
+    # Prepare: plain training is seeded, so fedpriv's own reply is the honest one
+    from clients import client_app
+
+    overrides = ["num_clients=10", "client.local_epochs=1"]
+    model = load_experiment(compose_config(overrides)).build_model()
+    sent = ArrayRecord(model.state_dict())
+
+    def replies(partition_id: int):
+        context = Context(run_id=1, node_id=1, node_config={"partition-id": partition_id, "num-partitions": 10},
+                          state=RecordDict(), run_config=flatten(compose_config(overrides)))
+        content = RecordDict({"arrays": sent, "config": ConfigRecord({"server-round": 1})})
+        return [app(Message(content=content, message_type=MessageType.TRAIN, dst_node_id=1), context)
+                for app in (client_app.train, bench_apps.poisoned_train)]
+
+    # Execute
+    (honest_0, poisoned_0), (honest_5, kept_5) = replies(0), replies(5)
+
+    # Assert
+    for name in sent:
+        received = sent[name].numpy()
+        update = honest_0.content["arrays"][name].numpy() - received
+        np.testing.assert_allclose(poisoned_0.content["arrays"][name].numpy(), received - 10 * update, rtol=1e-5, atol=1e-6)
+        np.testing.assert_array_equal(kept_5.content["arrays"][name].numpy(), honest_5.content["arrays"][name].numpy())
+    assert poisoned_0.content["metrics"]["num-examples"] == honest_0.content["metrics"]["num-examples"]
+
+
+def test_every_heterogeneity_run_is_a_valid_config(tmp_path):
+    # Prepare
+    from fedpriv.experiment import build_run_components
+
+    datasets = bench.heterogeneity_datasets(bench.workload_overrides(None))
+    configs = [
+        [*spec["overrides"], "num_rounds=2", *dp, *extra]
+        for spec in datasets.values()
+        for extra in bench.HETEROGENEITY_METHODS.values()
+        for dp in ([], bench.HETEROGENEITY_DP)
+    ]
+    configs += [["num_clients=10", *extra] for extra, _ in bench.POISONING_RUNS.values()]
+
+    # Execute / Assert: each builds, strategy included
+    for overrides in configs:
+        config = compose_config(overrides)
+        build_run_components(load_experiment(config), mode_config=config["mode"])
+
+    # Execute: the plot from made-up rows
+    runs = {method: {privacy: {"per_round": [0.5, 0.6], "final": 0.6, "epsilon_user": 4.4}
+                     for privacy in ("no_dp", "dp")} for method in bench.HETEROGENEITY_METHODS}
+    bench._plot_heterogeneity({"heart disease": {"metric": "test_auc", "runs": runs}}, path=tmp_path / "plot.png")
+
+    # Assert
+    assert (tmp_path / "plot.png").stat().st_size > 0

@@ -159,6 +159,53 @@ def test_a_bad_config_ends_the_script_with_one_line_and_exit_2():
     assert "Traceback" not in result.stdout + result.stderr
 
 
+@pytest.mark.parametrize(
+    ("args", "expected"),
+    [
+        (["strategy=dp_fixed", "strategy.aggregator=median"],
+         "strategy.aggregator='median': client-level DP noise is calibrated to the clipped mean's sensitivity"),
+        (["strategy=dp_adaptive", "strategy.aggregator=krum"],
+         "strategy.aggregator='krum': client-level DP noise is calibrated to the clipped mean's sensitivity"),
+    ],
+)
+def test_a_robust_aggregator_under_client_level_dp_ends_the_script_with_one_line_and_exit_2(args, expected):
+    # Execute
+    result = run_project_script("run.py", *args, cwd=REPO, timeout=120)
+
+    # Assert
+    assert result.returncode == 2
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith(f"config error: {expected}"), result.stderr
+
+
+@pytest.mark.parametrize(
+    ("args", "expected"),
+    [
+        (["secure=secagg", "strategy.aggregator=trimmed_mean"],
+         "strategy.aggregator='trimmed_mean': secure=secagg hides each client's update from the server"),
+        (["secure=ckks", "strategy.aggregator=median"],
+         "strategy.aggregator='median': secure=ckks hides each client's update from the server"),
+        (["secure=ckks", "strategy.server_optimizer=adam"],
+         "strategy.server_optimizer='adam': secure=ckks keeps the model encrypted"),
+        (["secure=ckks", "strategy.server_momentum=0.9"], "strategy.server_momentum=0.9: secure=ckks needs 0"),
+        (["client=opacus", "client.grad_sample_mode=ghost", "client.proximal_mu=0.1"],
+         "client.proximal_mu=0.1: grad_sample_mode='ghost' clips per-example norms without per-example gradients"),
+        (["strategy.server_optimizer=adam", "strategy.beta1=1.5"], "strategy.beta1=1.5: must be in [0, 1)"),
+    ],
+)
+def test_combinations_that_cannot_work_are_refused_in_one_line(args, expected):
+    # Prepare: what scripts/run.py checks before Hydra starts, in-process
+    from scripts.run import check_overrides
+
+    # Execute
+    with pytest.raises(ConfigError) as refused:
+        check_overrides(args)
+
+    # Assert
+    assert str(refused.value).startswith(expected)
+    assert "\n" not in str(refused.value)
+
+
 def test_federated_evaluation_with_private_clients_is_refused_in_one_line():
     # Prepare
     config = compose_config(["client=opacus", "strategy.fraction_evaluate=0.5"])

@@ -137,7 +137,7 @@ def test_round_without_valid_replies_still_releases_noise_and_counts():
     assert np.any(flat(arrays) != 0)
     exact = strategy.train_metrics[1]
     assert exact["num_clients"] == 0 and exact["num_rejected"] == 2
-    assert set(metrics) == {"epsilon_user", "clipping_norm", "noise_std"}
+    assert set(metrics) == {"epsilon_user", "clipping_norm", "noise_std", "server_update_norm"}
     assert metrics["epsilon_user"] > 0
 
 
@@ -256,7 +256,9 @@ def test_adaptive_clipping_publishes_the_noised_fraction_and_withholds_the_exact
     _, published = strategy.aggregate_train(1, replies)
 
     # Assert: what Flower logs and the results get is DP output only
-    assert set(published) == {"epsilon_user", "clipping_norm", "noise_std", "unclipped_fraction_noisy"}
+    assert set(published) == {
+        "epsilon_user", "clipping_norm", "noise_std", "unclipped_fraction_noisy", "server_update_norm"
+    }
     exact = strategy.train_metrics[1]
     assert exact["clip_fraction"] == pytest.approx(1 / 3)
     assert exact["num_clients"] == 3 and exact["train_loss"] == 1.0

@@ -128,7 +128,9 @@ def test_server_budget_stops_the_run_cleanly_with_the_model_saved(tmp_path):
     # Assert: published means private. No exact client statistic or timing in
     # results.json or metrics.csv; the operator file has them and says what it is.
     assert document["privacy"]["client_level"] is True
-    published = {"round", "test_loss", "test_accuracy", "epsilon_user", "clipping_norm", "noise_std"}
+    published = {
+        "round", "test_loss", "test_accuracy", "epsilon_user", "clipping_norm", "noise_std", "server_update_norm"
+    }
     for row in document["rounds"]:
         assert {key for key, value in row.items() if value is not None} == published
     assert document["timing"]["total_seconds"] is None
@@ -261,3 +263,31 @@ def test_a_local_dp_run_on_four_hospitals_reports_its_epsilon_and_auc_and_stops_
     output = result.stdout + result.stderr
     assert "round 2/4: test accuracy" in output and "epsilon_local_max 2, epsilon_local_basic_max 2 |" in output
     assert "epsilon_local_max 2 (delta 1e-05), epsilon_local_basic_max 2 (delta 0)" in output
+
+
+@pytest.mark.parametrize("strategy", ["fedavg", "dp_fixed"])
+def test_fedprox_clients_and_a_server_adam_on_label_skewed_clients(tmp_path, strategy):
+    # Prepare: the README's command, short; DP-FedAdam's epsilon is DP-FedAvg's (z = 1, q = 1, 2 rounds)
+    from fedpriv.privacy import compute_epsilon
+
+    overrides = [
+        "client.proximal_mu=0.1", "strategy.server_optimizer=adam", "partition=dirichlet", "partition.alpha=0.1",
+        f"strategy={strategy}", "num_rounds=2", "client.local_epochs=1",
+    ]
+
+    # Execute
+    _, out = run(tmp_path, *overrides)
+
+    # Assert
+    document = json.loads((out / "results.json").read_text())
+    assert document["final"]["rounds_completed"] == 2
+    assert document["config"]["client"]["proximal_mu"] == 0.1
+    assert document["config"]["strategy"]["server_optimizer"] == "adam"
+    rounds = document["rounds"]
+    assert all(row["server_update_norm"] > 0 for row in rounds)
+    if strategy == "dp_fixed":
+        expected = compute_epsilon([(1.0, 1.0, 2)], delta=1e-5, accountant="prv")
+        assert document["final"]["epsilon_user"] == pytest.approx(expected)
+        assert rounds[0]["num_clients"] is None  # withheld, as under DP-FedAvg
+    else:
+        assert rounds[-1]["test_accuracy"] > 0.3

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import FakeGrid, arrays_record, operator_records, reply, run_project_script
+from conftest import FakeGrid, arrays_record, noisy_round, operator_records, reply, run_project_script
 from flwr.app import ConfigRecord, RecordDict
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -90,6 +90,60 @@ def test_a_restored_strategy_continues_exactly_like_an_uninterrupted_one():
         assert metrics_a["epsilon_user"] == metrics_b["epsilon_user"]
     assert resumed.history == uninterrupted.history
     assert resumed.epsilon_user == pytest.approx(compute_epsilon([(1.0, 0.5, 5)], delta=1e-5, accountant="prv"))
+
+
+def chained_rounds(strategy, flower_rounds, model: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Rounds that each start from the model the last one made; replies drawn per run round."""
+    for flower_round in flower_rounds:
+        model = noisy_round(strategy, flower_round, model, rng=np.random.default_rng(strategy.run_round(flower_round)))
+    return model
+
+
+@pytest.mark.parametrize(
+    "settings",
+    [
+        {"server_optimizer": "adam"},
+        {"server_optimizer": "sgd", "server_lr": 0.7, "server_momentum": 0.9},
+        {"server_optimizer": "yogi", "strategy": "dp", "noise_multiplier": 0.5},
+    ],
+    ids=["adam", "fedavgm", "dp-fedyogi"],
+)
+def test_the_server_optimizers_state_survives_a_checkpoint_bit_for_bit(tmp_path, settings):
+    # Prepare: 5 rounds in one go; 3 rounds, a checkpoint on disk, and 2 more in a new strategy
+    settings = dict(settings)
+    dp = settings.pop("strategy", None) == "dp"
+
+    def build():
+        if dp:
+            return adaptive(**settings)
+        return WeightedFedAvg(**settings)
+
+    uninterrupted, interrupted = build(), build()
+    expected = chained_rounds(uninterrupted, range(1, 6), GLOBAL)
+    model = chained_rounds(interrupted, range(1, 4), GLOBAL)
+    save_checkpoint(
+        tmp_path / CHECKPOINT_NAME,
+        Checkpoint(
+            round=3,
+            state_dict={name: torch.from_numpy(value) for name, value in model.items()},
+            strategy_state=interrupted.resume_state(),
+        ),
+    )
+
+    # Execute
+    stored = load_checkpoint(tmp_path)
+    resumed = build()
+    resumed.restore(stored.strategy_state, completed_rounds=stored.round)
+    final = chained_rounds(resumed, (1, 2), {name: value.numpy() for name, value in stored.state_dict.items()})
+
+    # Assert: the same models and the same optimizer state, bit for bit
+    for name in SHAPES:
+        np.testing.assert_array_equal(final[name], expected[name])
+    pairs = [*zip(resumed.optimizer_state.m, uninterrupted.optimizer_state.m, strict=True),
+             *zip(resumed.optimizer_state.v, uninterrupted.optimizer_state.v, strict=True)]
+    assert pairs
+    for ours, theirs in pairs:
+        np.testing.assert_array_equal(ours, theirs)
 
 
 def test_unseeded_generators_stay_out_of_the_checkpoint():
