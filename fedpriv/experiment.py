@@ -384,7 +384,7 @@ def check_runnable(experiment: Experiment, *, mode: Any) -> None:
         )
     try:
         server_device(experiment.settings.server_device)
-        if getattr(mode, "ray_address", None) is None:
+        if not getattr(mode, "ray_address", ""):
             client_device(experiment.client.device)
     except ValueError as exc:
         raise ConfigError(str(exc)) from exc

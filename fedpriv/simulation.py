@@ -92,8 +92,8 @@ class SimulationMode:
     client_num_gpus : float
         GPUs reserved per simulated client; a client with ``client.device=auto``
         trains on the GPU Ray assigns it.
-    ray_address : str or None
-        ``None`` (default) starts Ray on this machine. ``HOST:PORT`` (the
+    ray_address : str
+        Empty (default) starts Ray on this machine. ``HOST:PORT`` (the
         address ``ray start --head`` printed) or ``auto`` (the cluster this
         machine's ``ray start`` started or joined) runs the clients on that
         existing Ray cluster; the ServerApp stays in this process, which must
@@ -114,7 +114,7 @@ class SimulationMode:
     backend: str = "ray"
     client_num_cpus: float = 1.0
     client_num_gpus: float = 0.0
-    ray_address: str | None = None
+    ray_address: str = ""
     verbose: bool = False
     server_app: str = SERVER_APP
     client_app: str = CLIENT_APP
@@ -129,10 +129,10 @@ class SimulationMode:
         if 0 < gpus < 0.01:
             raise ValueError(f"mode.client_num_gpus={self.client_num_gpus!r}: must be 0 or in [0.01, 64]")
         check_bool("mode.verbose", self.verbose)
-        if self.ray_address is not None and not _valid_ray_address(self.ray_address):
+        if not _valid_ray_address(self.ray_address):
             raise ValueError(
                 f"mode.ray_address={self.ray_address!r}: must be HOST:PORT of a Ray head node "
-                "(e.g. 10.0.0.5:6379), auto, or null for a local Ray"
+                "(e.g. 10.0.0.5:6379), auto, or empty for Ray on this machine"
             )
         for key in ("server_app", "client_app"):
             module, _, attribute = str(getattr(self, key)).partition(":")
@@ -154,7 +154,7 @@ class SimulationMode:
         from flwr.simulation.run_simulation import _run_simulation
 
         init_args = {"include_dashboard": False, "log_to_driver": self.verbose}
-        if self.ray_address is not None:
+        if self.ray_address:
             init_args["address"] = self.ray_address
         backend_config = {
             "client_resources": {"num_cpus": self.client_num_cpus, "num_gpus": self.client_num_gpus},
@@ -180,8 +180,8 @@ class SimulationMode:
 
 
 def _valid_ray_address(address: object) -> bool:
-    """``auto``, or ``HOST:PORT`` with a port in [1, 65535]."""
-    if address == "auto":
+    """Empty, ``auto``, or ``HOST:PORT`` with a port in [1, 65535]."""
+    if address in ("", "auto"):
         return True
     match = _RAY_ADDRESS.fullmatch(address) if isinstance(address, str) else None
     return match is not None and 1 <= int(match.group(1)) <= 65535

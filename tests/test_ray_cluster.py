@@ -152,7 +152,7 @@ def actor_logs(folder: Path) -> list[Path]:
     return [path for path in folder.glob("worker-*") if "ClientAppActor" in path.read_text(errors="replace")]
 
 
-@pytest.mark.parametrize(("ray_address", "expected"), [(None, {}), ("10.0.0.5:6379", {"address": "10.0.0.5:6379"})])
+@pytest.mark.parametrize(("ray_address", "expected"), [("", {}), ("10.0.0.5:6379", {"address": "10.0.0.5:6379"})])
 def test_the_ray_address_reaches_flowers_ray_init_arguments(ray_address, expected, monkeypatch):
     # Prepare: Flower's simulation engine, replaced by a recorder (the package's
     # run_simulation attribute is the function, so the module comes from importlib)
