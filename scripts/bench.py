@@ -35,8 +35,9 @@ load from other processes on the machine affects both sides alike:
 13. heterogeneity (full mode, ``--only heterogeneity``): FedAvg, FedProx,
    FedAvgM and FedAdam on label-skewed MNIST-8k (or digits) and the four
    heart-disease hospitals, with and without client-level DP, accuracy (AUC)
-   per round in a plot next to ``--out``; and final accuracy when 2 of 10
-   clients scale their update by -10, per ``strategy.aggregator``.
+   per round in a plot next to ``--out``;
+14. poisoning (full mode, ``--only poisoning``): final accuracy when 2 of 10
+   IID clients scale their update by -10, per ``strategy.aggregator``.
 
 The workload is MNIST-8k (the MNIST test file, 8,000 images for the clients,
 2,000 held out; CNN) with ``--mnist-root``, else scikit-learn's digits (MLP).
@@ -82,8 +83,7 @@ from fedpriv.models import CNN28, MLP  # noqa: E402
 FLOWER_APPS = ("+mode.server_app=bench_apps:server_app", "+mode.client_app=bench_apps:client_app")
 SECTIONS = (
     "overhead", "dp_step", "accounting", "flower", "scale", "memory", "utility", "local_dp", "secagg", "he", "compression",
-    "deployment",
-    "heterogeneity",
+    "deployment", "heterogeneity", "poisoning",
 )
 SAMPLED_PER_ROUND = 10
 
@@ -126,7 +126,7 @@ class Sizes:
     deployment_supernodes : tuple[int, ...]
         Federation sizes of section 12 (empty: skip it).
     heterogeneity_rounds : int
-        Rounds of each run of section 13 (0: skip it).
+        Rounds of each run of sections 13 and 14 (0: skip them).
     """
 
     clients: int
@@ -1114,6 +1114,9 @@ HETEROGENEITY_METHODS = {
 }
 HETEROGENEITY_DP = ["strategy=dp_fixed", "strategy.noise_multiplier=1.0", "strategy.clipping_norm=0.5"]
 """Client-level DP of section 13: every client in every round, one fixed noise multiplier."""
+POISONING_TRAINING = ["client.local_epochs=1", "client.momentum=0.0"]
+"""Local training of section 14: with MNIST's tuned 2 epochs at momentum 0.9 the clients' models
+drift so far apart that a coordinate-wise median of honest ones is a constant classifier."""
 POISONING_RUNS = {
     "mean, no attack": ([], False),
     "mean": ([], True),
@@ -1155,9 +1158,7 @@ def _per_round(run: dict[str, Any], metric: str) -> dict[str, Any]:
 
 
 def bench_heterogeneity(workload: list[str], *, rounds: int, work_dir: Path, plot_path: Path) -> dict[str, Any]:
-    """Section 13: each method with and without client-level DP on two heterogeneous federations; poisoning."""
-    from scripts.bench_apps import POISON_SCALE, POISONED_PARTITIONS
-
+    """Section 13: each method with and without client-level DP on two heterogeneous federations."""
     datasets = {}
     for name, spec in heterogeneity_datasets(workload).items():
         runs = {}
@@ -1170,19 +1171,22 @@ def bench_heterogeneity(workload: list[str], *, rounds: int, work_dir: Path, plo
                 run = run_federation(overrides, out_dir=work_dir / f"heterogeneity_{_slug(name)}_{_slug(method)}_{privacy}")
                 runs[method][privacy] = _per_round(run, spec["metric"])
         datasets[name] = {"overrides": spec["overrides"], "metric": spec["metric"], "runs": runs}
-    poisoning = {}
-    for name, (extra, attacked) in POISONING_RUNS.items():
-        overrides = [*workload, "num_clients=10", f"num_rounds={rounds}", *extra, *([POISONING_APP] if attacked else [])]
-        run = run_federation(overrides, out_dir=work_dir / f"poisoning_{_slug(name)}")
-        poisoning[name] = {"overrides": extra, "attacked": attacked, **_per_round(run, "test_accuracy")}
     _plot_heterogeneity(datasets, path=plot_path)
-    return {
-        "rounds": rounds,
-        "dp": HETEROGENEITY_DP,
-        "datasets": datasets,
-        "poisoning": {"clients": 10, "poisoned": POISONED_PARTITIONS, "update_scale": POISON_SCALE, "runs": poisoning},
-        "plot": str(plot_path),
-    }
+    return {"rounds": rounds, "dp": HETEROGENEITY_DP, "datasets": datasets, "plot": str(plot_path)}
+
+
+def bench_poisoning(workload: list[str], *, rounds: int, work_dir: Path) -> dict[str, Any]:
+    """Section 14: final accuracy per aggregator when 2 of 10 IID clients send -10 times their update."""
+    from scripts.bench_apps import POISON_SCALE, POISONED_PARTITIONS
+
+    runs = {}
+    for name, (extra, attacked) in POISONING_RUNS.items():
+        overrides = [*workload, "num_clients=10", f"num_rounds={rounds}", *POISONING_TRAINING, *extra,
+                     *([POISONING_APP] if attacked else [])]
+        run = run_federation(overrides, out_dir=work_dir / f"poisoning_{_slug(name)}")
+        runs[name] = {"overrides": extra, "attacked": attacked, **_per_round(run, "test_accuracy")}
+    return {"rounds": rounds, "clients": 10, "poisoned": POISONED_PARTITIONS, "update_scale": POISON_SCALE,
+            "training": POISONING_TRAINING, "runs": runs}
 
 
 def _plot_heterogeneity(datasets: dict[str, Any], *, path: Path) -> None:
@@ -1436,8 +1440,8 @@ def table_rows(sections: dict[str, Any]) -> list[tuple[str, str, str]]:
             rows.append((f"13 {name} {method}: final {dataset['metric']}, no DP / DP",
                          f"{_fmt(runs['no_dp']['final'], 3)} / {_fmt(runs['dp']['final'], 3)}",
                          f"epsilon_user {_fmt(runs['dp']['epsilon_user'])}"))
-    for name, run in heterogeneity.get("poisoning", {}).get("runs", {}).items():
-        rows.append((f"13 poisoning, {name}: final test accuracy", _fmt(run["final"], 3),
+    for name, run in sections.get("poisoning", {}).get("runs", {}).items():
+        rows.append((f"14 poisoning, {name}: final test accuracy", _fmt(run["final"], 3),
                      "2 of 10 clients send -10 x their update" if run["attacked"] else "no attack"))
     for name, section in sections.items():
         if isinstance(section, dict) and "error" in section:
@@ -1533,6 +1537,7 @@ def run_sections(
             workload, rounds=sizes.heterogeneity_rounds, work_dir=work_dir,
             plot_path=plot_path.with_name(plot_path.name.replace("_local_dp", "_heterogeneity")),
         )))
+        steps.append(("poisoning", lambda: bench_poisoning(workload, rounds=sizes.heterogeneity_rounds, work_dir=work_dir)))
     if only is not None:
         steps = [(name, step) for name, step in steps if name == only]
     for name, step in steps:

@@ -237,7 +237,7 @@ def test_every_heterogeneity_run_is_a_valid_config(tmp_path):
         for extra in bench.HETEROGENEITY_METHODS.values()
         for dp in ([], bench.HETEROGENEITY_DP)
     ]
-    configs += [["num_clients=10", *extra] for extra, _ in bench.POISONING_RUNS.values()]
+    configs += [["num_clients=10", *bench.POISONING_TRAINING, *extra] for extra, _ in bench.POISONING_RUNS.values()]
 
     # Execute / Assert: each builds, strategy included
     for overrides in configs:
