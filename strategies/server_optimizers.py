@@ -32,8 +32,9 @@ import torch
 from fedpriv.checks import check_choice, check_real
 
 SERVER_OPTIMIZERS = ("sgd", "adam", "yogi", "adagrad")
+AUTO_SERVER_LR = "auto"
 DEFAULT_SERVER_LR = {"sgd": 1.0, "adam": 0.1, "yogi": 0.01, "adagrad": 0.1}
-"""``strategy.server_lr`` when it is ``null``: plain FedAvg for ``sgd``, Flower's ``eta`` for the others."""
+"""``strategy.server_lr`` when it is ``auto``: plain FedAvg for ``sgd``, Flower's ``eta`` for the others."""
 
 MAX_SERVER_LR = 1e3
 # Below 1e-12 a coordinate whose second moment underflows would be divided by

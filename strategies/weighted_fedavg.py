@@ -42,7 +42,7 @@ from strategies.client_privacy import REPLY_PRIVACY_KEYS, ClientPrivacyTally
 from strategies.communication import TrafficTally
 from strategies.nodes import NodeTracker
 from strategies.robust import RobustAggregation
-from strategies.server_optimizers import DEFAULT_SERVER_LR, OptimizerState, ServerOptimizer
+from strategies.server_optimizers import AUTO_SERVER_LR, DEFAULT_SERVER_LR, OptimizerState, ServerOptimizer
 from strategies.he_server import EncryptedSum, parse_encrypted_reply
 from strategies.secagg_server import SecAggOutcome, SecAggPlusRound, parse_setup_reply
 
@@ -149,8 +149,8 @@ class WeightedFedAvg(Strategy):
         ``sgd`` (``global + server_lr * (aggregate - global)``, with
         ``server_momentum``: FedAvgM), ``adam``, ``yogi`` or ``adagrad``
         (Reddi et al. 2021; see :class:`strategies.server_optimizers.ServerOptimizer`).
-    server_lr : float or None
-        The server learning rate; ``None`` takes the optimizer's default
+    server_lr : float or str
+        The server learning rate; ``"auto"`` takes the optimizer's default
         (:data:`strategies.server_optimizers.DEFAULT_SERVER_LR`: 1 for
         ``sgd``, Flower's for the others).
     server_momentum : float
@@ -184,7 +184,7 @@ class WeightedFedAvg(Strategy):
         min_evaluate_nodes: int = 1,
         min_valid_replies: int = 1,
         server_optimizer: str = "sgd",
-        server_lr: float | None = None,
+        server_lr: float | str = AUTO_SERVER_LR,
         server_momentum: float = 0.0,
         beta1: float = 0.9,
         beta2: float = 0.99,
@@ -215,7 +215,7 @@ class WeightedFedAvg(Strategy):
         self.min_valid_replies = min_valid_replies
         self.optimizer = ServerOptimizer(
             name=server_optimizer,
-            lr=DEFAULT_SERVER_LR.get(server_optimizer, 1.0) if server_lr is None else server_lr,
+            lr=DEFAULT_SERVER_LR.get(server_optimizer, 1.0) if server_lr == AUTO_SERVER_LR else server_lr,
             momentum=server_momentum,
             beta1=beta1,
             beta2=beta2,
