@@ -1148,6 +1148,7 @@ def heterogeneity_datasets(workload: list[str]) -> dict[str, dict[str, Any]]:
 
 
 def _per_round(run: dict[str, Any], metric: str) -> dict[str, Any]:
+    """``metric`` per round and at the end of one federation, its ``epsilon_user`` and wall time."""
     results = run["results"]
     return {
         "per_round": [row[metric] for row in results["rounds"]],

@@ -69,8 +69,9 @@ class WeightedFedAvg(Strategy):
     """Federated averaging weighted by ``num-examples``, with reply validation.
 
     On valid replies, with the default ``sgd`` server step at ``server_lr = 1``,
-    the new global model equals Flower's ``FedAvg``. Every reply is checked against the global model that was sent
-    (names, shapes, dtypes, finite values, a positive finite ``num-examples``);
+    the new global model equals Flower's ``FedAvg``. Every reply is checked
+    against the global model that was sent (names, shapes, dtypes, finite
+    values, a positive finite ``num-examples``);
     error replies and malformed ones are rejected with a logged reason and
     counted in the round's ``num_rejected``. With fewer than
     ``min_valid_replies`` valid replies the previous model is kept.
