@@ -360,14 +360,18 @@ def compute_floor(overrides: list[str], *, workers: int = 1) -> dict[str, Any]:
     Returns
     -------
     dict
-        ``setup_seconds`` (config, data, partitions), ``round_seconds`` and
-        the final ``test_accuracy``.
+        ``setup_seconds`` (config and the server's test split; whoever
+        trains loads the clients' examples), ``round_seconds`` and the final
+        ``test_accuracy``.
     """
+    from fedpriv.compose import compose_config
+    from fedpriv.experiment import load_experiment
     from fedpriv.training import evaluate
     from strategies.aggregation import weighted_average
 
+    torch.set_num_threads(1)
     start = time.perf_counter()
-    experiment, _ = _floor_clients(overrides)
+    experiment = load_experiment(compose_config(overrides))
     settings = experiment.settings
     if experiment.strategy_config.get("fraction_train", 1.0) != 1.0:
         raise ValueError("the compute floor assumes every client trains in every round")
@@ -408,12 +412,13 @@ def _floor_clients(overrides: list[str]) -> tuple[Any, list]:
 
 
 def _floor_pool(overrides: list[str], *, workers: int):
-    """``workers`` fresh processes that have built the experiment, or a null context for one."""
+    """``workers`` fresh processes that have loaded the clients, or, for one, a null context (this process loads them)."""
     import contextlib
     import multiprocessing
     from concurrent.futures import ProcessPoolExecutor
 
     if workers == 1:
+        _floor_clients(overrides)
         return contextlib.nullcontext()
     return ProcessPoolExecutor(
         max_workers=workers, mp_context=multiprocessing.get_context("spawn"),
