@@ -19,6 +19,7 @@ from flwr.clientapp import ClientApp
 from clients import he_client
 from clients.node_state import node_state_path, restore_node_state, save_node_state
 from clients.privacy_state import STATE_KEY, PrivacyBudgetExhausted
+from fedpriv.allocator import keep_freed_memory
 from fedpriv.compression import PAYLOAD, RESIDUAL_RECORD
 from fedpriv.devices import client_device
 from fedpriv.experiment import client_examples, experiment_from_run_config
@@ -45,6 +46,8 @@ logger = get_logger(__name__)
 # garbage collector's passes. The last pass, at exit, would cost 0.4 s of CPU
 # after importing torch, in every fresh flwr-clientapp process of a deployment.
 gc.freeze()
+# Training steps reuse the memory the previous step freed instead of faulting it in again.
+keep_freed_memory()
 
 # Error codes of replies that carry no result (the server counts them as rejected).
 DATA_ERROR = 101

@@ -49,7 +49,13 @@ from fedpriv.devices import client_device
 from fedpriv.logs import get_logger
 from fedpriv.opacus_logging import opacus_logging_contained
 from fedpriv.protocol import PRIVACY_REPLY_KEYS
-from fedpriv.training import anchor_copies, make_torch_optimizer, proximal_gradients, trainable_parameters
+from fedpriv.training import (
+    anchor_copies,
+    make_optimizer,
+    make_torch_optimizer,
+    proximal_gradients,
+    trainable_parameters,
+)
 
 if TYPE_CHECKING:
     from flwr.app import RecordDict
@@ -59,8 +65,11 @@ logger = get_logger(__name__)
 GRAD_SAMPLE_MODES = ("hooks", "functorch", "ew", "ghost")
 """Opacus per-sample-gradient implementations that train fedpriv's models."""
 
+BOOKKEEPING = "bookkeeping"
+"""``client.grad_sample_mode=bookkeeping``: fedpriv's own DP-SGD step, :mod:`fedpriv.privacy.bookkeeping`."""
+
 AUTO = "auto"
-"""``client.grad_sample_mode=auto``: :func:`auto_grad_sample_mode` picks one of :data:`GRAD_SAMPLE_MODES`."""
+"""``client.grad_sample_mode=auto``: :func:`auto_grad_sample_mode` picks :data:`BOOKKEEPING` or one of :data:`GRAD_SAMPLE_MODES`."""
 
 # CUDA, measured by the issue's reporter on an H200 (cnn28, Opacus 1.6, torch
 # 2.11), not by us: ew is best at batch 64 (3.3 against hooks' 3.7), hooks from
@@ -79,9 +88,15 @@ AUTO_GRAD_SAMPLE_MODES: dict[str, dict[str, tuple[tuple[float, str], ...]]] = {
     # (5.84, 9.95, 30.3) and hooks: ghost clipping gets a dense layer's
     # per-example gradient norms without forming the gradients, which on a CPU
     # cost more than the rest of the step.
-    "cpu": {"conv": ((math.inf, "ew"),), "dense": ((math.inf, "ghost"),)},
+    "cpu": {"conv": ((math.inf, BOOKKEEPING),), "dense": ((math.inf, BOOKKEEPING),)},
     "cuda": {"conv": _CUDA_MODES, "dense": _CUDA_MODES},
 }
+AUTO_WITHOUT_BOOKKEEPING = {"conv": "ew", "dense": "ghost"}
+"""Per model kind, the Opacus mode ``auto`` picks where it would pick :data:`BOOKKEEPING` but that cannot train the model."""
+
+# Modes that compute (some) per-example norms without per-example gradients, to
+# which FedProx's proximal term could be added before clipping.
+_NORMS_WITHOUT_GRADIENTS = ("ghost", BOOKKEEPING)
 
 _CONVOLUTIONS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 # The layers PyTorch's expanded weights (grad_sample_mode=ew) compute per-example
@@ -137,6 +152,13 @@ def _opacus_chatter_silenced() -> Iterator[None]:
         data_loader_logger.removeFilter(keep)
 
 
+def _bookkeeping():
+    """``fedpriv.privacy.bookkeeping`` (its package imports Opacus)."""
+    with opacus_logging_contained():
+        from fedpriv.privacy import bookkeeping
+    return bookkeeping
+
+
 def _accounting():
     """``fedpriv.privacy.accounting``, which imports Opacus."""
     with opacus_logging_contained():
@@ -184,7 +206,7 @@ def _stage_empty_batch(optimizer, *, ghost: bool) -> None:
 
 
 def auto_grad_sample_mode(*, device_type: str, batch_size: int, model: nn.Module) -> str:
-    """The per-example-gradient implementation ``grad_sample_mode=auto`` trains ``model`` with.
+    """The DP-SGD implementation ``grad_sample_mode=auto`` trains ``model`` with.
 
     Parameters
     ----------
@@ -201,14 +223,19 @@ def auto_grad_sample_mode(*, device_type: str, batch_size: int, model: nn.Module
     str
         The first mode of :data:`AUTO_GRAD_SAMPLE_MODES` for the device and
         the model's kind (``conv`` with a convolution layer, else ``dense``)
-        whose batch size bound covers ``batch_size``; ``hooks`` instead of
-        ``ew`` for a model with a trainable layer that expanded weights cannot
-        handle, so the pick never fails where another mode would train
-        (``hooks`` and ``ghost`` fall back to functorch for such layers).
+        whose batch size bound covers ``batch_size``. The pick never fails
+        where another mode would train: :data:`AUTO_WITHOUT_BOOKKEEPING` instead
+        of :data:`BOOKKEEPING` for a model with a layer book-keeping cannot
+        train (:func:`fedpriv.privacy.bookkeeping.bookkeeping_unsupported`),
+        and ``hooks`` instead of ``ew`` for a model with a trainable layer that
+        expanded weights cannot handle (``hooks`` and ``ghost`` fall back to
+        functorch for such layers).
     """
     by_kind = AUTO_GRAD_SAMPLE_MODES.get(device_type, AUTO_GRAD_SAMPLE_MODES["cpu"])
     kind = "conv" if any(isinstance(module, _CONVOLUTIONS) for module in model.modules()) else "dense"
     mode = next(mode for largest, mode in by_kind[kind] if batch_size <= largest)
+    if mode == BOOKKEEPING and _bookkeeping().bookkeeping_unsupported(model):
+        mode = AUTO_WITHOUT_BOOKKEEPING[kind]
     if mode == "ew" and not _expanded_weights_cover(model):
         return "hooks"
     return mode
@@ -376,11 +403,13 @@ class OpacusTraining:
     accountant : str
         ``prv`` (tight, default) or ``rdp``.
     grad_sample_mode : str
-        Opacus per-sample-gradient implementation: ``ew`` (PyTorch's expanded
-        weights, the fastest on fedpriv's models on a CPU, see
-        ``scripts/bench.py``, section 3), ``hooks``, ``functorch``, ``ghost``
-        (ghost clipping), or ``auto``, picked by device and batch size
-        (:func:`auto_grad_sample_mode`). All give the same update.
+        How per-example gradients are clipped: ``auto`` (default), picked by
+        device, model and batch size (:func:`auto_grad_sample_mode`);
+        ``bookkeeping``, fedpriv's own step for models of ``Linear``,
+        ``Conv2d`` and ``GroupNorm`` layers (:mod:`fedpriv.privacy.bookkeeping`,
+        the fastest on a CPU, see ``scripts/bench.py``, section 3); or one of
+        Opacus' ``ew`` (PyTorch's expanded weights), ``hooks``, ``functorch``,
+        ``ghost`` (ghost clipping). All give the same update in distribution.
     proximal_mu : float
         FedProx's proximal weight ``mu`` in ``[0, 1000]``: ``mu * (w -
         w_global)`` joins every example's gradient before clipping (see
@@ -415,7 +444,7 @@ class OpacusTraining:
     max_grad_norm: float = 1.0
     target_delta: float | None = None
     accountant: str = "prv"
-    grad_sample_mode: str = "ew"
+    grad_sample_mode: str = "auto"
     count_noise_multiplier: float = 10.0
     max_epsilon: float | None = None
     device: str = "auto"
@@ -437,12 +466,12 @@ class OpacusTraining:
         check_real("client.max_grad_norm", self.max_grad_norm, above=0.0, maximum=_MAX_GRAD_NORM)
         if self.target_delta is not None:
             check_delta("client.target_delta", self.target_delta)
-        check_choice("client.grad_sample_mode", self.grad_sample_mode, (*GRAD_SAMPLE_MODES, AUTO))
-        if self.proximal_mu and self.grad_sample_mode == "ghost":
+        check_choice("client.grad_sample_mode", self.grad_sample_mode, (*GRAD_SAMPLE_MODES, BOOKKEEPING, AUTO))
+        if self.proximal_mu and self.grad_sample_mode in _NORMS_WITHOUT_GRADIENTS:
             raise ValueError(
-                f"client.proximal_mu={self.proximal_mu!r}: grad_sample_mode='ghost' clips per-example norms "
-                "without per-example gradients, so the proximal term cannot be clipped with them; "
-                "use client.grad_sample_mode=ew, hooks, functorch or auto"
+                f"client.proximal_mu={self.proximal_mu!r}: grad_sample_mode={self.grad_sample_mode!r} clips "
+                "per-example norms without per-example gradients, so the proximal term cannot be clipped with "
+                "them; use client.grad_sample_mode=ew, hooks, functorch or auto"
             )
         # Below the count's sensitivity (1) the release costs epsilon > 4 at
         # delta 1e-5 and the accountants' numerics break down.
@@ -456,7 +485,7 @@ class OpacusTraining:
         if self.grad_sample_mode != AUTO:
             return self.grad_sample_mode
         mode = auto_grad_sample_mode(device_type=device.type, batch_size=self.batch_size, model=model)
-        if mode == "ghost" and self.proximal_mu:
+        if mode in _NORMS_WITHOUT_GRADIENTS and self.proximal_mu:
             # Ghost clipping forms no per-example gradients to add the proximal term to.
             return "ew" if _expanded_weights_cover(model) else "hooks"
         return mode
@@ -614,6 +643,7 @@ class OpacusTraining:
             noise_generator=noise_generator,
             history=ledger.history,
             noise_multiplier=noise_multiplier,
+            sample_rate=sample_rate,
         )
         if trained != projected.history:
             raise RuntimeError(
@@ -675,8 +705,9 @@ class OpacusTraining:
         noise_generator: torch.Generator,
         history: list,
         noise_multiplier: float,
+        sample_rate: float,
     ) -> list:
-        """One round of DP-SGD on ``device``; returns Opacus' new accountant history.
+        """One round of DP-SGD on ``device``; returns the new accountant history.
 
         The model comes back on the CPU, where its reply is built.
         """
@@ -684,6 +715,17 @@ class OpacusTraining:
             from opacus import PrivacyEngine
 
         mode = self.grad_sample_mode_for(model, device=device)
+        if mode == BOOKKEEPING:
+            return self._train_bookkeeping(
+                model,
+                loader=loader,
+                device=device,
+                expected_batch_size=expected_batch_size,
+                noise_generator=noise_generator,
+                history=history,
+                noise_multiplier=noise_multiplier,
+                sample_rate=sample_rate,
+            )
         ghost = mode == "ghost"
         model.to(device)
         anchors = anchor_copies(model) if self.proximal_mu else []
@@ -732,6 +774,49 @@ class OpacusTraining:
                         del param.summed_grad
                 model.to("cpu")
         return list(engine.accountant.history)
+
+    def _train_bookkeeping(
+        self,
+        model: nn.Module,
+        *,
+        loader: DataLoader,
+        device: torch.device,
+        expected_batch_size: float,
+        noise_generator: torch.Generator,
+        history: list,
+        noise_multiplier: float,
+        sample_rate: float,
+    ) -> list:
+        """:meth:`_train` with :class:`fedpriv.privacy.bookkeeping.BookKeepingDPSGD` instead of Opacus' engine.
+
+        The same Poisson batches, clipping, noise and accounting: an Opacus
+        accountant records one step of ``(noise_multiplier, sample_rate)`` per
+        batch, empty ones included, as ``DPOptimizer`` does.
+        """
+        accountant = _accounting().make_accountant(self.accountant)
+        accountant.history = list(history)
+        model.to(device)
+        dp_sgd = _bookkeeping().BookKeepingDPSGD(
+            model,
+            max_grad_norm=self.max_grad_norm,
+            noise_multiplier=noise_multiplier,
+            expected_batch_size=expected_batch_size,
+            generator=noise_generator,
+        )
+        optimizer = make_optimizer(
+            self.optimizer, model.parameters(), lr=self.lr, momentum=self.momentum, weight_decay=self.weight_decay
+        )
+        try:
+            for _ in range(self.local_epochs):
+                for batch_x, batch_y in loader:
+                    dp_sgd.gradients(batch_x.to(device), batch_y.to(device))
+                    optimizer.step()
+                    accountant.step(noise_multiplier=noise_multiplier, sample_rate=sample_rate)
+        finally:
+            dp_sgd.close()
+            model.zero_grad(set_to_none=True)
+            model.to("cpu")
+        return list(accountant.history)
 
 
 def _use_public_batch_size(optimizer, expected_batch_size: float) -> None:

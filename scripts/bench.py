@@ -76,9 +76,14 @@ if str(REPO) not in sys.path:
     # Running from a checkout without `pip install -e .` still finds the packages.
     sys.path.insert(0, str(REPO))
 
-from clients.opacus_training import GRAD_SAMPLE_MODES, OpacusTraining  # noqa: E402
+from clients.opacus_training import BOOKKEEPING, GRAD_SAMPLE_MODES, OpacusTraining  # noqa: E402
 from clients.plain import PlainTraining  # noqa: E402
+from fedpriv.allocator import keep_freed_memory  # noqa: E402
 from fedpriv.models import CNN28, MLP  # noqa: E402
+from fedpriv.training import make_optimizer  # noqa: E402
+
+STEP_MODES = (BOOKKEEPING, *GRAD_SAMPLE_MODES)
+"""Section 3's DP-SGD implementations: fedpriv's book-keeping and Opacus' modes."""
 
 FLOWER_APPS = ("+mode.server_app=bench_apps:server_app", "+mode.client_app=bench_apps:client_app")
 SECTIONS = (
@@ -558,7 +563,10 @@ def time_interleaved(
     """Median over ``repeats`` of the mean seconds per call of each step function.
 
     The candidates take turns within every repeat, so load from other processes
-    affects them alike; garbage collection is off while timing, as in ``timeit``.
+    affects them alike; each turn starts with one untimed call, so that what is
+    timed is a step after a step of the same kind, as in a training loop, not
+    the first one after another candidate has filled the caches. Garbage
+    collection is off while timing, as in ``timeit``.
     ``synchronize`` waits for the device (``torch.cuda.synchronize``: a GPU
     returns before its kernels have run) before a timing starts and ends.
     """
@@ -571,6 +579,7 @@ def time_interleaved(
     try:
         for _ in range(repeats):
             for name, step in steps_by_name.items():
+                step()
                 synchronize()
                 start = time.perf_counter()
                 for _ in range(steps):
@@ -584,7 +593,8 @@ def time_interleaved(
 
 
 def _plain_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> Callable[[], None]:
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    """One step of ``client=plain``: its optimizer (``fedpriv.training.SGD``, ``torch.optim.SGD``'s update)."""
+    optimizer = make_optimizer("sgd", model.parameters(), lr=0.1)
     criterion = nn.CrossEntropyLoss()
 
     def step() -> None:
@@ -596,7 +606,13 @@ def _plain_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> Callable[
 
 
 def _private_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, mode: str) -> Callable[[], None]:
-    """One DP-SGD step of ``model`` on ``(x, y)``, all three on one device, noise drawn there too."""
+    """One DP-SGD step of ``model`` on ``(x, y)``, all three on one device, noise drawn there too.
+
+    Each mode with the optimizer ``client=opacus`` gives it: ``torch.optim.SGD``
+    inside Opacus' ``DPOptimizer``, ``fedpriv.training.SGD`` for book-keeping.
+    """
+    if mode == BOOKKEEPING:
+        return _bookkeeping_step(model, x, y)
     from opacus import PrivacyEngine
 
     engine = PrivacyEngine(accountant="prv")
@@ -624,6 +640,25 @@ def _private_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, mode: s
     return step
 
 
+def _bookkeeping_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> Callable[[], None]:
+    from fedpriv.privacy.bookkeeping import BookKeepingDPSGD
+
+    optimizer = make_optimizer("sgd", model.parameters(), lr=0.1)
+    dp_sgd = BookKeepingDPSGD(
+        model,
+        max_grad_norm=1.0,
+        noise_multiplier=1.0,
+        expected_batch_size=len(y),
+        generator=torch.Generator(device=x.device).manual_seed(0),
+    )
+
+    def step() -> None:
+        dp_sgd.gradients(x, y)
+        optimizer.step()
+
+    return step
+
+
 def _random_batch(shape: tuple[int, ...], size: int) -> tuple[torch.Tensor, torch.Tensor]:
     generator = torch.Generator().manual_seed(0)
     return torch.rand(size, *shape, generator=generator), torch.randint(0, 10, (size,), generator=generator)
@@ -639,7 +674,7 @@ def step_costs(*, batch_size: int, timing: dict, device: torch.device) -> list[d
     for name, (build, shape, _) in STEP_MODELS.items():
         x, y = (tensor.to(device) for tensor in _random_batch(shape, batch_size))
         candidates, errors = {"plain": _plain_step(build().to(device), x, y)}, {}
-        for mode in GRAD_SAMPLE_MODES:
+        for mode in STEP_MODES:
             try:
                 step = _private_step(build().to(device), x, y, mode=mode)
                 step()
@@ -648,7 +683,7 @@ def step_costs(*, batch_size: int, timing: dict, device: torch.device) -> list[d
             else:
                 candidates[mode] = step
         seconds = time_interleaved(candidates, **timing, synchronize=_synchronizer(device))
-        for mode in GRAD_SAMPLE_MODES:
+        for mode in STEP_MODES:
             row = {"model": name, "mode": mode, "batch_size": batch_size, "plain_ms": seconds["plain"] * 1e3}
             if mode in errors:
                 row.update(private_ms=None, ratio=None, error=errors[mode])
@@ -702,7 +737,12 @@ def device_name(device: torch.device) -> str:
 
 
 def bench_dp_step(*, sizes: Sizes, device: torch.device) -> dict[str, Any]:
-    """Section 3 on ``device``, on one CPU thread as each simulated client runs."""
+    """Section 3 on ``device``, on one CPU thread as each simulated client runs.
+
+    The process keeps freed memory as a ClientApp process does
+    (:func:`fedpriv.allocator.keep_freed_memory`), for every candidate alike.
+    """
+    keep_freed_memory()
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:

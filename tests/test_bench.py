@@ -64,7 +64,7 @@ def test_smoke_run_writes_every_section(tmp_path):
     assert len(overhead["federation_round_seconds"]) == len(overhead["floor_round_seconds"]) == 1
     steps = document["dp_step"]["steps"]
     assert {(row["model"], row["mode"]) for row in steps} == {
-        (model, mode) for model in bench.STEP_MODELS for mode in bench.GRAD_SAMPLE_MODES
+        (model, mode) for model in bench.STEP_MODELS for mode in bench.STEP_MODES
     }
     assert all(row["ratio"] > 0 for row in document["dp_step"]["rounds"])
     accounting = document["accounting"]
@@ -194,7 +194,7 @@ def test_dp_step_section_runs_without_flower_and_ray(tmp_path):
     assert document["machine"]["device"] == document["dp_step"]["device"] == "cpu"
     steps = document["dp_step"]["steps"]
     assert {(row["model"], row["mode"], row["batch_size"]) for row in steps} == {
-        (model, mode, 64) for model in bench.STEP_MODELS for mode in bench.GRAD_SAMPLE_MODES
+        (model, mode, 64) for model in bench.STEP_MODELS for mode in bench.STEP_MODES
     }
     assert all(row["ratio"] > 0 for row in steps + document["dp_step"]["rounds"])
 

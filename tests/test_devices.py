@@ -242,6 +242,24 @@ def test_opacus_noise_on_cuda_has_the_cpu_noise_distribution():
 
 
 @needs_gpu
+def test_bookkeeping_on_cuda_trains_a_noiseless_round_like_the_cpu():
+    # Prepare: the Poisson batches stay on the CPU, so both devices see the same ones
+    x, y = _data()
+    settings = {"batch_size": 16, "lr": 0.1, "noise_multiplier": 0.0, "max_grad_norm": 0.1, "grad_sample_mode": "bookkeeping"}
+    models = {"cpu": _mlp(), "cuda": _mlp()}
+    models["cuda"].load_state_dict(models["cpu"].state_dict())
+
+    # Execute
+    for device, model in models.items():
+        OpacusTraining(**settings, device=device).fit(model, x, y, seed=5, state=RecordDict())
+
+    # Assert
+    for name, value in models["cuda"].state_dict().items():
+        assert value.device == CPU
+        torch.testing.assert_close(value, models["cpu"].state_dict()[name], rtol=1e-4, atol=1e-5)
+
+
+@needs_gpu
 def test_evaluation_on_cuda_matches_the_cpu():
     # Prepare
     model, (x, y) = _mlp(), _data()

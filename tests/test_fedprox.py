@@ -197,9 +197,23 @@ def test_opacus_training_pulls_towards_the_global_model_and_reports_the_same_pri
     assert pulled_metrics == free_metrics
 
 
-def test_ghost_clipping_refuses_a_proximal_term():
-    with pytest.raises(ValueError, match=r"^client.proximal_mu=0.1: grad_sample_mode='ghost' clips"):
-        OpacusTraining(noise_multiplier=1.0, grad_sample_mode="ghost", proximal_mu=0.1)
+@pytest.mark.parametrize("mode", ["ghost", "bookkeeping"])
+def test_modes_that_clip_norms_without_gradients_refuse_a_proximal_term(mode):
+    with pytest.raises(ValueError, match=rf"^client.proximal_mu=0.1: grad_sample_mode='{mode}' clips"):
+        OpacusTraining(noise_multiplier=1.0, grad_sample_mode=mode, proximal_mu=0.1)
+
+
+def test_auto_does_not_pick_bookkeeping_with_a_proximal_term():
+    # Prepare
+    training = OpacusTraining(noise_multiplier=1.0, grad_sample_mode="auto", proximal_mu=0.1)
+    model = nn.Sequential(nn.Linear(6, 3))
+
+    # Execute
+    picked = training.grad_sample_mode_for(model, device=torch.device("cpu"))
+    without_mu = OpacusTraining(noise_multiplier=1.0).grad_sample_mode_for(model, device=torch.device("cpu"))
+
+    # Assert
+    assert (picked, without_mu) == ("ew", "bookkeeping")
 
 
 @pytest.mark.parametrize("training", [PlainTraining, OpacusTraining])

@@ -18,6 +18,7 @@ from torch import nn
 
 from clients import opacus_training
 from clients.opacus_training import (
+    BOOKKEEPING,
     GRAD_SAMPLE_MODES,
     OpacusTraining,
     auto_grad_sample_mode,
@@ -362,6 +363,28 @@ def test_every_grad_sample_mode_trains_a_round_with_empty_batches_like_hooks(
         torch.testing.assert_close(value, expected[key], rtol=1e-3, atol=1e-3)
 
 
+@pytest.mark.parametrize("name", MODE_MODELS)
+def test_bookkeeping_trains_a_noiseless_round_with_empty_batches_like_opacus_hooks(name):
+    # Prepare: no noise, so that only the batches, the clipping and the steps can differ
+    build, shape, n = MODE_MODELS[name]
+    models = {mode: build() for mode in ("hooks", BOOKKEEPING)}
+    models[BOOKKEEPING].load_state_dict(models["hooks"].state_dict())
+    x, y = _data(n, shape)
+    settings = {**MODE_SETTINGS, "noise_multiplier": 0.0, "max_grad_norm": 0.05}
+
+    # Execute
+    outcomes = {
+        mode: _training(grad_sample_mode=mode, **settings).fit(model, x, y, seed=3, state=RecordDict())
+        for mode, model in models.items()
+    }
+
+    # Assert: K = n~ batches of expected size one, so some were empty; the same model and releases
+    assert outcomes["hooks"].metrics["steps"] > n
+    assert outcomes[BOOKKEEPING] == outcomes["hooks"]
+    for key, value in models[BOOKKEEPING].state_dict().items():
+        torch.testing.assert_close(value, models["hooks"].state_dict()[key], rtol=1e-4, atol=1e-5)
+
+
 @pytest.mark.parametrize(
     ("build", "shape"),
     [
@@ -483,11 +506,32 @@ def test_gradients_are_averaged_over_the_public_expected_batch_size(monkeypatch)
     x, y = _data()
 
     # Execute
-    outcome = _training().fit(_mlp(), x, y, seed=0, state=RecordDict())
+    outcome = _training(grad_sample_mode="ew").fit(_mlp(), x, y, seed=0, state=RecordDict())
 
     # Assert: n~ / K, not Opacus' int(n / K) from the true size.
     expected = outcome.num_examples * outcome.metrics["sample_rate"]
     assert seen == [pytest.approx(expected), pytest.approx(expected)]
+
+
+def test_bookkeeping_averages_over_the_public_expected_batch_size(monkeypatch):
+    # Prepare: capture the divisor book-keeping is built with.
+    from fedpriv.privacy import bookkeeping
+
+    seen = []
+    original = bookkeeping.BookKeepingDPSGD.__init__
+
+    def init(self, model, **kwargs):
+        seen.append(kwargs["expected_batch_size"])
+        original(self, model, **kwargs)
+
+    monkeypatch.setattr(bookkeeping.BookKeepingDPSGD, "__init__", init)
+    x, y = _data()
+
+    # Execute
+    outcome = _training(grad_sample_mode="bookkeeping").fit(_mlp(), x, y, seed=0, state=RecordDict())
+
+    # Assert: n~ / K, from the released size only.
+    assert seen == [pytest.approx(outcome.num_examples * outcome.metrics["sample_rate"])]
 
 
 @pytest.mark.parametrize(("batch_size", "largest"), [(1, 100), (16, 400), (64, 400)])
@@ -538,17 +582,17 @@ AUTO_MODELS = {
 @pytest.mark.parametrize(
     ("device_type", "model", "expected"),
     [
-        # CPU, measured here: ew for convolutional models, ghost for dense ones, at every batch size.
-        ("cpu", "cnn28", {1: "ew", 64: "ew", 256: "ew", 1024: "ew", 10**6: "ew"}),
-        ("cpu", "cnn32", {1: "ew", 64: "ew", 1024: "ew"}),
-        ("cpu", "mlp", {1: "ghost", 64: "ghost", 256: "ghost", 1024: "ghost"}),
-        ("cpu", "logreg", {64: "ghost", 1024: "ghost"}),
+        # CPU, measured here: book-keeping for every model it can train, at every batch size.
+        ("cpu", "cnn28", {1: BOOKKEEPING, 64: BOOKKEEPING, 256: BOOKKEEPING, 1024: BOOKKEEPING, 10**6: BOOKKEEPING}),
+        ("cpu", "cnn32", {1: BOOKKEEPING, 64: BOOKKEEPING, 1024: BOOKKEEPING}),
+        ("cpu", "mlp", {1: BOOKKEEPING, 64: BOOKKEEPING, 256: BOOKKEEPING, 1024: BOOKKEEPING}),
+        ("cpu", "logreg", {64: BOOKKEEPING, 1024: BOOKKEEPING}),
         # CUDA, the issue's H200 figures for the CNN: ew up to 128, hooks above.
         ("cuda", "cnn28", {1: "ew", 64: "ew", 128: "ew", 129: "hooks", 256: "hooks", 1024: "hooks"}),
         ("cuda", "mlp", {64: "ew", 256: "hooks"}),
         # Any other device gets the CPU's choices.
-        ("mps", "cnn28", {64: "ew"}),
-        ("mps", "mlp", {64: "ghost"}),
+        ("mps", "cnn28", {64: BOOKKEEPING}),
+        ("mps", "mlp", {64: BOOKKEEPING}),
     ],
 )
 def test_auto_picks_the_grad_sample_mode_by_device_model_and_batch_size(device_type, model, expected):
@@ -585,8 +629,10 @@ def test_auto_never_picks_ew_for_a_layer_expanded_weights_cannot_handle():
 
 
 def test_grad_sample_mode_auto_trains_with_the_picked_mode(monkeypatch):
-    # Prepare: record the mode Opacus is asked for
+    # Prepare: record which implementation trains
     from opacus import PrivacyEngine
+
+    from fedpriv.privacy import bookkeeping
 
     asked = []
     make_private = PrivacyEngine.make_private
@@ -595,9 +641,19 @@ def test_grad_sample_mode_auto_trains_with_the_picked_mode(monkeypatch):
         "make_private",
         lambda self, **kwargs: asked.append(kwargs["grad_sample_mode"]) or make_private(self, **kwargs),
     )
+    init = bookkeeping.BookKeepingDPSGD.__init__
+    monkeypatch.setattr(
+        bookkeeping.BookKeepingDPSGD,
+        "__init__",
+        lambda self, model, **kwargs: asked.append(BOOKKEEPING) or init(self, model, **kwargs),
+    )
+    scale_model = nn.Sequential(nn.Flatten(), _Scale(64), nn.Linear(64, 10))
 
     # Execute
     _training(grad_sample_mode="auto", device="cpu").fit(_mlp(), *_data(), seed=0, state=RecordDict())
+    _training(grad_sample_mode="auto", device="cpu").fit(scale_model, *_data(), seed=0, state=RecordDict())
 
-    # Assert
-    assert asked == [auto_grad_sample_mode(device_type="cpu", batch_size=BATCH, model=_mlp())] == ["ghost"]
+    # Assert: book-keeping where it can train the model, Opacus' ghost clipping where not
+    assert asked == [BOOKKEEPING, "ghost"]
+
+
