@@ -12,7 +12,9 @@ CASES = [
     (MLP, (1, 8, 8), {"hidden_sizes": [32, 16]}),
     (LogisticRegression, (30,), {}),
     (CNN28, (1, 28, 28), {}),
+    (CNN28, (1, 28, 28), {"activation": "tanh"}),
     (CNN32, (3, 32, 32), {}),
+    (CNN32, (3, 32, 32), {"activation": "tanh"}),
 ]
 
 
@@ -37,8 +39,20 @@ def test_model_gives_logits_and_opacus_accepts_it(model_class, shape, kwargs):
         (lambda: MLP(input_shape=(4,), num_classes=2, hidden_sizes=[0]), r"model.hidden_sizes=\[0\]"),
         (lambda: CNN28(input_shape=(1, 28, 28), num_classes=10, channels=[8, 8, 8]), r"model.channels=\[8, 8, 8\]"),
         (lambda: LogisticRegression(input_shape=(4,), num_classes=1), r"num_classes=1"),
+        (lambda: CNN28(input_shape=(1, 28, 28), num_classes=10, activation="gelu"),
+         r"^model.activation='gelu': must be one of \['relu', 'tanh'\]"),
     ],
 )
 def test_bad_model_settings_name_the_key(build, message):
     with pytest.raises(ValueError, match=message):
         build()
+
+
+@pytest.mark.parametrize(("activation", "layer"), [("relu", torch.nn.ReLU), ("tanh", torch.nn.Tanh)])
+def test_the_cnn_activation_is_the_one_asked_for_in_every_stage(activation, layer):
+    # Execute
+    model = CNN28(input_shape=(1, 28, 28), num_classes=10, activation=activation)
+
+    # Assert
+    stages = list(model.features)
+    assert [type(stage[2]) for stage in stages] == [layer] * len(stages)
