@@ -267,3 +267,44 @@ def test_a_dataset_brings_its_model_and_tuned_client_settings_and_the_command_li
     assert (private["client"]["batch_size"], private["client"]["lr"]) == (128, 1.0)
     assert (chosen["model"]["_target_"], chosen["client"]["lr"]) == ("fedpriv.models.MLP", 0.3)
     assert default["model"]["_target_"] == "fedpriv.models.MLP" and default["client"]["lr"] == 0.05
+
+
+# conf/tuning/mnist_opacus_eps3.yaml: the README's epsilon-3 sweep (Performance).
+EPS3_PRESET = {
+    "batch_size": 420,
+    "local_epochs": 2,
+    "lr": 8.0,
+    "momentum": 0.5,
+    "max_grad_norm": 0.5,
+    "noise_multiplier": None,
+    "target_epsilon": 3,
+}
+
+
+def test_the_epsilon_3_preset_is_one_override_and_spends_epsilon_3_over_the_run():
+    import torch
+
+    from fedpriv.models import MLP
+
+    # Prepare
+    overrides = ["dataset=mnist", "client=opacus", "tuning=mnist_opacus_eps3"]
+    config = compose_config(overrides)
+    chosen = compose_config([*overrides, "client.lr=2.0"])
+    training = build_component(config["client"], key="client")
+    # One client of MNIST-8k over 10 clients (800 examples), the bench's 15 rounds; a tiny model
+    # (the accounting does not depend on it).
+    rounds, x, y = 15, torch.zeros(800, 1, 2, 2), torch.arange(800) % 10
+    state: dict = {}
+
+    # Execute
+    outcomes = [
+        training.fit(MLP(input_shape=(1, 2, 2), num_classes=10, hidden_sizes=(4,)), x, y,
+                     seed=r, state=state, planned_rounds=rounds)
+        for r in range(rounds)
+    ]
+
+    # Assert
+    assert {key: config["client"][key] for key in EPS3_PRESET} == EPS3_PRESET
+    assert chosen["client"]["lr"] == 2.0
+    assert 0.99 * 3 <= outcomes[-1].metrics["epsilon"] <= 3
+    assert outcomes[-1].metrics["delta"] == 1e-5
