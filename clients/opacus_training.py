@@ -360,6 +360,19 @@ def _generators(
 
 
 @dataclass(frozen=True)
+class _RoundPlan:
+    """What one round of DP-SGD needs besides the model and the settings."""
+
+    loader: DataLoader
+    device: torch.device
+    expected_batch_size: float
+    noise_generator: torch.Generator
+    history: list
+    noise_multiplier: float
+    sample_rate: float
+
+
+@dataclass(frozen=True)
 class OpacusTraining:
     """Record-level DP-SGD local training with Opacus (``client=opacus``).
 
@@ -637,13 +650,15 @@ class OpacusTraining:
 
         trained = self._train(
             model,
-            loader=poisson_loader(x, y, batches=steps_per_epoch, generator=batch_generator),
-            device=device,
-            expected_batch_size=count / steps_per_epoch,
-            noise_generator=noise_generator,
-            history=ledger.history,
-            noise_multiplier=noise_multiplier,
-            sample_rate=sample_rate,
+            _RoundPlan(
+                loader=poisson_loader(x, y, batches=steps_per_epoch, generator=batch_generator),
+                device=device,
+                expected_batch_size=count / steps_per_epoch,
+                noise_generator=noise_generator,
+                history=ledger.history,
+                noise_multiplier=noise_multiplier,
+                sample_rate=sample_rate,
+            ),
         )
         if trained != projected.history:
             raise RuntimeError(
@@ -695,43 +710,28 @@ class OpacusTraining:
         )
         return noise_multiplier
 
-    def _train(
-        self,
-        model: nn.Module,
-        *,
-        loader: DataLoader,
-        device: torch.device,
-        expected_batch_size: float,
-        noise_generator: torch.Generator,
-        history: list,
-        noise_multiplier: float,
-        sample_rate: float,
-    ) -> list:
-        """One round of DP-SGD on ``device``; returns the new accountant history.
+    def _train(self, model: nn.Module, plan: _RoundPlan) -> list:
+        """One round of DP-SGD on ``plan.device``; returns the new accountant history.
 
         The model comes back on the CPU, where its reply is built.
         """
+        mode = self.grad_sample_mode_for(model, device=plan.device)
+        if mode == BOOKKEEPING:
+            return self._train_bookkeeping(model, plan)
+        return self._train_opacus(model, plan, mode=mode)
+
+    def _train_opacus(self, model: nn.Module, plan: _RoundPlan, *, mode: str) -> list:
+        """:meth:`_train` with Opacus' ``PrivacyEngine`` in ``mode``."""
         with opacus_logging_contained():
             from opacus import PrivacyEngine
 
-        mode = self.grad_sample_mode_for(model, device=device)
-        if mode == BOOKKEEPING:
-            return self._train_bookkeeping(
-                model,
-                loader=loader,
-                device=device,
-                expected_batch_size=expected_batch_size,
-                noise_generator=noise_generator,
-                history=history,
-                noise_multiplier=noise_multiplier,
-                sample_rate=sample_rate,
-            )
+        device, loader = plan.device, plan.loader
         ghost = mode == "ghost"
         model.to(device)
         anchors = anchor_copies(model) if self.proximal_mu else []
         with _opacus_chatter_silenced():
             engine = PrivacyEngine(accountant=self.accountant)
-            engine.accountant.history = list(history)
+            engine.accountant.history = list(plan.history)
             private = engine.make_private(
                 module=model,
                 optimizer=make_torch_optimizer(
@@ -743,18 +743,18 @@ class OpacusTraining:
                 ),
                 criterion=nn.CrossEntropyLoss(),
                 data_loader=loader,
-                noise_multiplier=noise_multiplier,
+                noise_multiplier=plan.noise_multiplier,
                 max_grad_norm=self.max_grad_norm,
                 # The loader already samples Poisson batches (poisson_loader).
                 poisson_sampling=False,
                 grad_sample_mode=mode,
-                noise_generator=noise_generator,
+                noise_generator=plan.noise_generator,
             )
             if ghost:
                 module, optimizer, criterion, private_loader = private
             else:
                 (module, optimizer, private_loader), criterion = private, nn.CrossEntropyLoss()
-            _use_public_batch_size(optimizer, expected_batch_size)
+            _use_public_batch_size(optimizer, plan.expected_batch_size)
             try:
                 for _ in range(self.local_epochs):
                     for batch_x, batch_y in private_loader:
@@ -775,18 +775,7 @@ class OpacusTraining:
                 model.to("cpu")
         return list(engine.accountant.history)
 
-    def _train_bookkeeping(
-        self,
-        model: nn.Module,
-        *,
-        loader: DataLoader,
-        device: torch.device,
-        expected_batch_size: float,
-        noise_generator: torch.Generator,
-        history: list,
-        noise_multiplier: float,
-        sample_rate: float,
-    ) -> list:
+    def _train_bookkeeping(self, model: nn.Module, plan: _RoundPlan) -> list:
         """:meth:`_train` with :class:`fedpriv.privacy.bookkeeping.BookKeepingDPSGD` instead of Opacus' engine.
 
         The same Poisson batches, clipping, noise and accounting: an Opacus
@@ -794,24 +783,24 @@ class OpacusTraining:
         batch, empty ones included, as ``DPOptimizer`` does.
         """
         accountant = _accounting().make_accountant(self.accountant)
-        accountant.history = list(history)
-        model.to(device)
+        accountant.history = list(plan.history)
+        model.to(plan.device)
         dp_sgd = _bookkeeping().BookKeepingDPSGD(
             model,
             max_grad_norm=self.max_grad_norm,
-            noise_multiplier=noise_multiplier,
-            expected_batch_size=expected_batch_size,
-            generator=noise_generator,
+            noise_multiplier=plan.noise_multiplier,
+            expected_batch_size=plan.expected_batch_size,
+            generator=plan.noise_generator,
         )
         optimizer = make_optimizer(
             self.optimizer, model.parameters(), lr=self.lr, momentum=self.momentum, weight_decay=self.weight_decay
         )
         try:
             for _ in range(self.local_epochs):
-                for batch_x, batch_y in loader:
-                    dp_sgd.gradients(batch_x.to(device), batch_y.to(device))
+                for batch_x, batch_y in plan.loader:
+                    dp_sgd.gradients(batch_x.to(plan.device), batch_y.to(plan.device))
                     optimizer.step()
-                    accountant.step(noise_multiplier=noise_multiplier, sample_rate=sample_rate)
+                    accountant.step(noise_multiplier=plan.noise_multiplier, sample_rate=plan.sample_rate)
         finally:
             dp_sgd.close()
             model.zero_grad(set_to_none=True)
