@@ -5,7 +5,7 @@ the partitioning there imports flwr-datasets and Hugging Face ``datasets``
 (about 0.7 s) for every message. The partitioning is a pure function of the
 dataset, the partitioner, the number of clients, the seed and the labels, so
 it is stored under a key of all of them: ``$FEDPRIV_CACHE`` (default
-``$XDG_CACHE_HOME/fedpriv``, else ``~/.cache/fedpriv``), ``partitions/<key>.npz``.
+``$XDG_CACHE_HOME/fedpriv``, else ``~/.cache/fedpriv``), ``partitions/<key>.v2.npz``.
 A file that cannot be read is recomputed and written again.
 """
 
@@ -25,6 +25,9 @@ from fedpriv.partition import Partitioning
 
 logger = get_logger(__name__)
 
+FORMAT = "v2"
+"""Part of a cache file's name: files of the earlier layout (one archive member per client) are not read."""
+
 
 def cache_folder() -> Path:
     """Where partitionings are kept."""
@@ -43,14 +46,18 @@ def partition_key(*, dataset: Any, partition: Any, num_partitions: int, seed: in
 
 
 def cached_partitioning(key: str, compute: Callable[[], Partitioning]) -> Partitioning:
-    """The partitioning stored under ``key``, or ``compute()`` stored there now."""
-    path = cache_folder() / f"{key}.npz"
+    """The partitioning stored under ``key``, or ``compute()`` stored there now.
+
+    The clients' indices are stored end to end in one array with the offsets
+    where each client's start: reading them back costs the same at 100 and at
+    10,000 clients (one archive member per client cost 0.5 s per process at
+    10,000).
+    """
+    path = cache_folder() / f"{key}.{FORMAT}.npz"
     try:
         with np.load(path) as stored:
-            count = int(stored["count"])
-            return Partitioning(
-                indices=tuple(stored[f"p{i}"] for i in range(count)), dropped=stored["dropped"]
-            )
+            indices, offsets = stored["indices"], stored["offsets"]
+            return Partitioning(indices=tuple(np.split(indices, offsets[1:-1])), dropped=stored["dropped"])
     except FileNotFoundError:
         pass
     except (OSError, KeyError, ValueError) as exc:
@@ -58,9 +65,14 @@ def cached_partitioning(key: str, compute: Callable[[], Partitioning]) -> Partit
     partitioning = compute()
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        arrays = {f"p{i}": part for i, part in enumerate(partitioning.indices)}
+        sizes = [len(part) for part in partitioning.indices]
         with tempfile.NamedTemporaryFile(dir=path.parent, suffix=".npz", delete=False) as handle:
-            np.savez(handle, count=len(partitioning.indices), dropped=partitioning.dropped, **arrays)
+            np.savez(
+                handle,
+                indices=np.concatenate([np.asarray(part, dtype=np.int64) for part in partitioning.indices]),
+                offsets=np.cumsum([0, *sizes], dtype=np.int64),
+                dropped=partitioning.dropped,
+            )
         os.replace(handle.name, path)
     except OSError as exc:
         # A read-only home only costs the recomputation next time.

@@ -264,7 +264,7 @@ def test_dirichlet_rejects_min_partition_size_below_one():
 def test_a_partitioning_is_stored_on_disk_and_read_back_by_the_next_process(tmp_path, monkeypatch):
     # Prepare: an empty cache, a partitioning computed once
     from fedpriv.partition import IID, Partitioning
-    from fedpriv.partition_cache import cache_folder, cached_partitioning, partition_key
+    from fedpriv.partition_cache import FORMAT, cache_folder, cached_partitioning, partition_key
 
     monkeypatch.setenv("FEDPRIV_CACHE", str(tmp_path))
     labels = np.arange(100) % 10
@@ -278,15 +278,34 @@ def test_a_partitioning_is_stored_on_disk_and_read_back_by_the_next_process(tmp_
     # Execute
     first = cached_partitioning(key, compute)
     second = cached_partitioning(key, compute)
-    (cache_folder() / f"{key}.npz").write_bytes(b"damaged")
+    (cache_folder() / f"{key}.{FORMAT}.npz").write_bytes(b"damaged")
     third = cached_partitioning(key, compute)
 
     # Assert: computed once, read back equal; a damaged file is recomputed
     assert len(calls) == 2
     for other in (second, third):
         assert isinstance(other, Partitioning)
+        assert len(other.indices) == len(first.indices)
         assert all(np.array_equal(a, b) for a, b in zip(first.indices, other.indices, strict=True))
     keys = {
         partition_key(dataset="d", partition=IID(), num_partitions=4, seed=s, labels=labels) for s in (1, 2)
     } | {partition_key(dataset="d", partition=IID(), num_partitions=4, seed=1, labels=labels[::-1])}
     assert len(keys) == 3
+
+
+def test_a_cached_partitioning_with_empty_clients_and_drops_reads_back_equal(tmp_path, monkeypatch):
+    # Prepare: clients with no examples at the start, middle and end, and dropped examples
+    from fedpriv.partition import Partitioning
+    from fedpriv.partition_cache import cached_partitioning
+
+    monkeypatch.setenv("FEDPRIV_CACHE", str(tmp_path))
+    parts = (np.array([], dtype=np.int64), np.array([3, 1]), np.array([], dtype=np.int64), np.array([7]), np.array([], dtype=np.int64))
+    stored = Partitioning(indices=parts, dropped=np.array([0, 9]))
+    cached_partitioning("k", lambda: stored)
+
+    # Execute
+    read = cached_partitioning("k", lambda: pytest.fail("recomputed a cached partitioning"))
+
+    # Assert
+    assert [p.tolist() for p in read.indices] == [p.tolist() for p in parts]
+    assert read.dropped.tolist() == [0, 9]
