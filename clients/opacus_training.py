@@ -499,7 +499,8 @@ class OpacusTraining:
             return self.grad_sample_mode
         mode = auto_grad_sample_mode(device_type=device.type, batch_size=self.batch_size, model=model)
         if mode in _NORMS_WITHOUT_GRADIENTS and self.proximal_mu:
-            # Ghost clipping forms no per-example gradients to add the proximal term to.
+            # Ghost clipping and book-keeping form no per-example gradients (of Linear layers)
+            # to add the proximal term to.
             return "ew" if _expanded_weights_cover(model) else "hooks"
         return mode
 

@@ -18,7 +18,7 @@ there. From the two:
   two moments per group.
 
 On the CPU its step costs 1.2 to 1.7 times a plain step on fedpriv's models,
-against 1.8 to 41 for Opacus' modes (``scripts/bench.py``, section 3; the
+against 1.8 to 29 for Opacus' modes (``scripts/bench.py``, section 3; the
 README's GPUs section has the table).
 
 The step then adds Gaussian noise of standard deviation ``noise_multiplier *
