@@ -2,9 +2,9 @@
 
 A client's ``client.device`` and the server's ``server_device`` take one of
 :data:`DEVICES`. ``auto`` follows the GPUs this process was given and
-otherwise stays on the CPU: a simulated client uses the GPU Ray assigned to
-its actor (``mode.client_num_gpus > 0``), a client without Ray (a SuperNode's
-``flwr-clientapp``) has none assigned, and the server counts every GPU its
+otherwise stays on the CPU: a simulated client uses the GPU its worker process
+(``mode.backend=process``) or Ray (``mode.backend=ray``) assigned it
+(``mode.client_num_gpus > 0``), a SuperNode's ``flwr-clientapp`` has none assigned, and the server counts every GPU its
 process sees. ``cuda`` asks for a GPU whatever was assigned and fails where
 there is none. :func:`resolve_device` is the rule, a pure function;
 :func:`client_device` and :func:`server_device` feed it what this process sees.
@@ -12,12 +12,16 @@ there is none. :func:`resolve_device` is the rule, a pure function;
 
 from __future__ import annotations
 
+import os
 import sys
 from collections.abc import Sequence
 
 import torch
 
 DEVICES = ("auto", "cpu", "cuda")
+
+ASSIGNED_GPUS_ENV = "FEDPRIV_ASSIGNED_GPUS"
+"""Comma-separated GPU ids the process backend gave a worker process."""
 
 
 def resolve_device(setting: str, *, key: str, cuda_available: bool, assigned_gpus: Sequence) -> torch.device:
@@ -66,10 +70,19 @@ def ray_assigned_gpus() -> tuple:
     return tuple(ray.get_gpu_ids())
 
 
+def assigned_gpus() -> tuple:
+    """The GPU ids this client process was given: Ray's in a Ray worker, else the process backend's, else none."""
+    given = ray_assigned_gpus()
+    if given:
+        return given
+    listed = os.environ.get(ASSIGNED_GPUS_ENV, "")
+    return tuple(int(gpu) for gpu in listed.split(",") if gpu.strip())
+
+
 def client_device(setting: str) -> torch.device:
     """The device of ``client.device`` in this process (see :func:`resolve_device`)."""
     return resolve_device(
-        setting, key="client.device", cuda_available=torch.cuda.is_available(), assigned_gpus=ray_assigned_gpus()
+        setting, key="client.device", cuda_available=torch.cuda.is_available(), assigned_gpus=assigned_gpus()
     )
 
 

@@ -363,7 +363,8 @@ def check_runnable(experiment: Experiment, *, mode: Any) -> None:
     created here) and, in a simulation, that the strategy does not wait for
     more nodes than there are clients and that a device set to ``cuda`` is
     there: the server's (it evaluates in this process) and, when the clients
-    run on this machine's own Ray, the clients'.
+    run on this machine, the clients'; and that the process backend's
+    workers fit this machine's cores and GPUs.
 
     Raises
     ------
@@ -386,6 +387,8 @@ def check_runnable(experiment: Experiment, *, mode: Any) -> None:
         server_device(experiment.settings.server_device)
         if not getattr(mode, "ray_address", ""):
             client_device(experiment.client.device)
+        if getattr(mode, "backend", "") == "process":
+            mode.worker_count()
     except ValueError as exc:
         raise ConfigError(str(exc)) from exc
 

@@ -1,9 +1,16 @@
 """Run an experiment on Flower's simulation runtime, in this process.
 
 This calls the same engine that ``flwr run`` starts inside its simulation
-process (``flwr.simulation.run_simulation._run_simulation`` on the Ray
-backend), with the ServerApp and ClientApp loaded from their component
-strings, exactly as in a deployment. The public ``run_simulation`` wrapper is
+process (``flwr.simulation.run_simulation._run_simulation``), with the
+ServerApp and ClientApp loaded from their component strings, exactly as in a
+deployment. The engine runs the ClientApps on a backend: ``mode.backend=process``
+(the default) is fedpriv's :class:`~fedpriv.process_backend.ProcessBackend`, a
+pool of worker processes of this one; ``mode.backend=ray`` is Flower's Ray
+backend, for GPUs shared by Ray's scheduler and for Ray clusters. Flower 1.42's
+engine builds its Ray backend by name whatever backend it is asked for
+(``start_vce`` imports ``RayBackend`` when it starts), so for the process
+backend :func:`engine_backend` binds that name to ``ProcessBackend`` for the
+duration of the run and restores it after. The public ``run_simulation`` wrapper is
 deprecated in Flower 1.42, and ``flwr run`` only accepts run-config keys that
 the app's ``pyproject.toml`` already declares, while a config group (say
 ``strategy=dp_fixed``) brings keys of its own. So the composed run config is
@@ -18,9 +25,13 @@ client actors from the resources of every node of the cluster.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
+import sys
 import tempfile
+import types
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import ClassVar
 from pathlib import Path
@@ -33,7 +44,7 @@ from fedpriv.run_config import Scalar
 
 SERVER_APP = "strategies.server_app:app"
 CLIENT_APP = "clients.client_app:app"
-BACKENDS = ("ray",)
+BACKENDS = ("process", "ray")
 # HOST:PORT of a Ray head node's GCS (a name, an IPv4 address or a bracketed IPv6 one).
 _RAY_ADDRESS = re.compile(r"(?:[A-Za-z0-9][A-Za-z0-9.-]*|\[[0-9A-Fa-f:.]+\]):(\d{1,5})")
 
@@ -80,18 +91,20 @@ def stage_app(
 
 @dataclass(frozen=True)
 class SimulationMode:
-    """``mode=simulation``: one simulated SuperNode per client on Ray.
+    """``mode=simulation``: one simulated SuperNode per client, on this machine or a Ray cluster.
 
     Parameters
     ----------
     backend : str
-        Simulation backend (``ray``).
+        ``process`` (default): the clients run in worker processes of this
+        one (:class:`~fedpriv.process_backend.ProcessBackend`), no Ray.
+        ``ray``: Flower's Ray backend, needed for ``ray_address``.
     client_num_cpus : float
         CPUs reserved per simulated client; with 2 cores, 1 runs two clients at
         a time.
     client_num_gpus : float
         GPUs reserved per simulated client; a client with ``client.device=auto``
-        trains on the GPU Ray assigns it.
+        trains on the GPU its worker (or Ray) assigns it.
     ray_address : str
         Empty (default) starts Ray on this machine. ``HOST:PORT`` (the
         address ``ray start --head`` printed) or ``auto`` (the cluster this
@@ -111,7 +124,7 @@ class SimulationMode:
     simulated: ClassVar[bool] = True
     """Every node is started by the run itself (``num_clients`` of them)."""
 
-    backend: str = "ray"
+    backend: str = "process"
     client_num_cpus: float = 1.0
     client_num_gpus: float = 0.0
     ray_address: str = ""
@@ -134,10 +147,30 @@ class SimulationMode:
                 f"mode.ray_address={self.ray_address!r}: must be HOST:PORT of a Ray head node "
                 "(e.g. 10.0.0.5:6379), auto, or empty for Ray on this machine"
             )
+        if self.ray_address and self.backend != "ray":
+            raise ValueError(f"mode.ray_address={self.ray_address!r}: needs mode.backend=ray (got {self.backend!r})")
         for key in ("server_app", "client_app"):
             module, _, attribute = str(getattr(self, key)).partition(":")
             if not (module and attribute):
                 raise ValueError(f"mode.{key}={getattr(self, key)!r}: must be 'module:attribute'")
+
+    def worker_count(self) -> int:
+        """How many clients the process backend trains at once on this machine.
+
+        Raises
+        ------
+        ValueError
+            When one client's ``client_num_cpus`` or ``client_num_gpus`` is more
+            than this machine has.
+        """
+        from fedpriv.process_backend import pool_size, visible_gpus
+
+        return pool_size(
+            cpus=os.cpu_count() or 1,
+            client_num_cpus=self.client_num_cpus,
+            gpus=visible_gpus() if self.client_num_gpus > 0 else 0,
+            client_num_gpus=self.client_num_gpus,
+        )
 
     def run(self, *, run_config: dict[str, Scalar], num_supernodes: int) -> None:
         """Run the app with ``run_config`` on ``num_supernodes`` simulated nodes.
@@ -160,23 +193,77 @@ class SimulationMode:
             "client_resources": {"num_cpus": self.client_num_cpus, "num_gpus": self.client_num_gpus},
             "init_args": init_args,
         }
-        with tempfile.TemporaryDirectory(prefix="fedpriv-app-") as app_dir:
-            stage_app(run_config, Path(app_dir), server_app=self.server_app, client_app=self.client_app)
-            context = Context(
-                run_id=0, node_id=0, node_config={}, state=RecordDict(), run_config=dict(run_config)
-            )
-            _run_simulation(
-                num_supernodes=num_supernodes,
-                exit_event=EventType.PYTHON_API_RUN_SIMULATION_LEAVE,
-                backend_name=self.backend,
-                backend_config=backend_config,
-                server_app_attr=self.server_app,
-                client_app_attr=self.client_app,
-                server_app_context=context,
-                app_dir=app_dir,
-                is_app=True,
-                verbose_logging=self.verbose,
-            )
+        pool = None
+        if self.backend == "process":
+            from fedpriv.process_backend import CONFIG_KEY, ProcessBackend
+
+            backend_config[CONFIG_KEY] = {"client_app": self.client_app}
+            pool = ProcessBackend(backend_config)
+            # The workers import torch and load the ClientApp while Flower's
+            # engine and the ServerApp start here.
+            pool.start()
+        try:
+            with (
+                tempfile.TemporaryDirectory(prefix="fedpriv-app-") as app_dir,
+                engine_backend(None if pool is None else lambda _: pool),
+            ):
+                stage_app(run_config, Path(app_dir), server_app=self.server_app, client_app=self.client_app)
+                context = Context(
+                    run_id=0, node_id=0, node_config={}, state=RecordDict(), run_config=dict(run_config)
+                )
+                _run_simulation(
+                    num_supernodes=num_supernodes,
+                    exit_event=EventType.PYTHON_API_RUN_SIMULATION_LEAVE,
+                    backend_name=self.backend,
+                    backend_config=backend_config,
+                    server_app_attr=self.server_app,
+                    client_app_attr=self.client_app,
+                    server_app_context=context,
+                    app_dir=app_dir,
+                    is_app=True,
+                    verbose_logging=self.verbose,
+                )
+        finally:
+            # Flower's engine stops the backend it built; this covers a run that failed before.
+            if pool is not None:
+                pool.terminate()
+
+
+@contextlib.contextmanager
+def engine_backend(make_backend: Callable[[dict], object] | None) -> Iterator[None]:
+    """Make Flower's simulation engine build its backend with ``make_backend`` while inside.
+
+    ``make_backend`` takes Flower's backend config and returns a
+    :class:`~flwr.server.superlink.fleet.vce.backend.Backend`; ``None`` keeps
+    Flower's Ray backend. Flower 1.42's ``start_vce`` has one backend and
+    looks it up as ``RayBackend`` in
+    ``flwr.server.superlink.fleet.vce.backend.raybackend`` when it builds it.
+    Where that module is not imported yet, a stand-in module holding
+    ``make_backend`` under that name takes its place, so Ray is never
+    imported; otherwise the name is bound in the real module. Both are undone
+    on the way out, whatever happens inside.
+    """
+    if make_backend is None:
+        yield
+        return
+    name = "flwr.server.superlink.fleet.vce.backend.raybackend"
+    module = sys.modules.get(name)
+    if module is None:
+        stand_in = types.ModuleType(name, "fedpriv's stand-in: the simulation engine's backend")
+        stand_in.RayBackend = make_backend
+        sys.modules[name] = stand_in
+        try:
+            yield
+        finally:
+            if sys.modules.get(name) is stand_in:
+                del sys.modules[name]
+        return
+    original = module.RayBackend
+    module.RayBackend = make_backend
+    try:
+        yield
+    finally:
+        module.RayBackend = original
 
 
 def _valid_ray_address(address: object) -> bool:

@@ -17,7 +17,7 @@ load from other processes on the machine affects both sides alike:
    ``--only dp_step --device cuda`` runs on a bare GPU machine;
 4. accounting: fedpriv's epsilon over ``dp-accounting``'s PLD for the same
    mechanism, and over Flower's accountant (no amplification);
-5. memory: peak memory of a whole run (every process, Ray's included) at 10
+5. memory: peak memory of a whole run (every process: workers, or Ray's) at 10
    and 100 clients;
 6. scale: seconds per round with 10 clients sampled out of 100 to 10,000;
 7. utility (full mode, needs ``--mnist-root``): test accuracy without privacy,
@@ -234,7 +234,7 @@ def _children_by_parent() -> dict[int, list[int]]:
 
 
 def process_tree(root: int) -> list[int]:
-    """Return ``root`` and all its descendants (Ray's raylet, workers, ...)."""
+    """Return ``root`` and all its descendants (client worker processes, Ray's raylet, ...)."""
     children = _children_by_parent()
     tree, todo = [], [root]
     while todo:
@@ -261,7 +261,7 @@ class PeakMemory:
     """Peak memory of a process tree, sampled in a background thread.
 
     PSS (proportional set size) splits shared pages, such as torch's
-    libraries mapped by every Ray worker, among the processes that share them,
+    libraries mapped by every client worker, among the processes that share them,
     so the sum over the tree is the tree's real footprint; the summed RSS
     counts shared pages once per process and is reported as an upper bound.
 
@@ -298,7 +298,7 @@ class PeakMemory:
 
 
 def _subprocess_env() -> dict[str, str]:
-    # scripts/ for bench_apps (Flower's apps, the synthetic data set): Ray's
+    # scripts/ for bench_apps (Flower's apps, the synthetic data set): the client
     # workers inherit the variable and import it there.
     path = [str(REPO), str(SCRIPTS), os.environ.get("PYTHONPATH", "")]
     return {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in path if p), "FLWR_TELEMETRY_ENABLED": "0"}
@@ -358,8 +358,8 @@ def compute_floor(overrides: list[str], *, workers: int = 1) -> dict[str, Any]:
 
     The same local training (``experiment.client.fit``) on the same partitions
     and the same server evaluation. ``workers`` processes train a round's
-    clients in parallel, one thread each, as the simulation's Ray actors do
-    (one actor per ``mode.client_num_cpus`` of the machine's cores, each with
+    clients in parallel, one thread each, as the simulation's worker processes do
+    (one per ``mode.client_num_cpus`` of the machine's cores, each with
     one thread); with ``workers=1`` this process trains them itself.
     Full participation and the plain strategy only.
 
@@ -404,7 +404,7 @@ _FLOOR: dict[str, Any] = {}
 
 
 def _floor_clients(overrides: list[str]) -> tuple[Any, list]:
-    """Build the experiment and every client's examples once per process (as a Ray actor caches them)."""
+    """Build the experiment and every client's examples once per process (as a client worker caches them)."""
     from fedpriv.compose import compose_config
     from fedpriv.experiment import client_examples, load_experiment
 
@@ -455,11 +455,11 @@ def _floor_client_round(job: tuple[dict, int, int]) -> tuple[list[np.ndarray], i
 
 
 def simulation_workers(overrides: list[str]) -> int:
-    """How many clients the simulation trains at once: one Ray actor per ``mode.client_num_cpus`` cores."""
+    """How many clients the simulation trains at once: one worker per ``mode.client_num_cpus`` cores."""
     from fedpriv.compose import compose_config
+    from fedpriv.simulation import SimulationMode
 
-    per_client = float(compose_config(overrides)["mode"]["client_num_cpus"])
-    return max(1, int((os.cpu_count() or 1) // per_client))
+    return SimulationMode(client_num_cpus=float(compose_config(overrides)["mode"]["client_num_cpus"])).worker_count()
 
 
 def run_floor(overrides: list[str], *, workers: int, cwd: Path) -> dict[str, Any]:
@@ -1403,7 +1403,7 @@ def table_rows(sections: dict[str, Any]) -> list[tuple[str, str, str]]:
         rows += [
             ("1 overhead: wall time / compute floor", _fmt(s["wall_ratio"]),
              f"target <= 1.10; {_fmt(s['federation_wall_seconds'], 1)}s vs {_fmt(s['floor_wall_seconds'], 1)}s"),
-            ("1 overhead: rounds / floor rounds", _fmt(s["rounds_ratio"]), "first round includes Ray actors warming up"),
+            ("1 overhead: rounds / floor rounds", _fmt(s["rounds_ratio"]), "first round includes the client workers' start"),
             ("1 overhead: rounds 2.. / floor rounds 2..", _fmt(s["steady_rounds_ratio"]), "steady state"),
             ("1 start-up seconds: fedpriv / floor", f"{_fmt(s['federation_startup_seconds'], 1)} / {_fmt(s['floor_startup_seconds'], 1)}", "wall time outside the rounds"),
         ]

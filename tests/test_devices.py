@@ -198,7 +198,7 @@ def test_cuda_on_a_machine_without_a_gpu_is_refused_before_a_simulation_starts()
     ], result.stderr
     with pytest.raises(ConfigError, match=r"^server_device='cuda'"):
         check_runnable(server_on_cuda, mode=SimulationMode())
-    check_runnable(clients_on_cuda, mode=SimulationMode(ray_address="127.0.0.1:6379"))
+    check_runnable(clients_on_cuda, mode=SimulationMode(backend="ray", ray_address="127.0.0.1:6379"))
 
 
 @needs_gpu

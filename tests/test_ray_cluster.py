@@ -161,7 +161,7 @@ def test_the_ray_address_reaches_flowers_ray_init_arguments(ray_address, expecte
     monkeypatch.setattr(engine, "_run_simulation", lambda **kwargs: calls.append(kwargs))
 
     # Execute
-    SimulationMode(ray_address=ray_address).run(run_config={"num-clients": 2}, num_supernodes=2)
+    SimulationMode(backend="ray", ray_address=ray_address).run(run_config={"num-clients": 2}, num_supernodes=2)
 
     # Assert: RayBackend.init_ray passes init_args to ray.init
     (call,) = calls
@@ -180,6 +180,7 @@ def test_a_simulation_joins_an_existing_ray_cluster_and_trains_on_both_nodes(tmp
         result = run_project_script(
             "run.py",
             f"output_dir={out}",
+            "mode.backend=ray",
             f"mode.ray_address={cluster.address}",
             "num_clients=2",
             "num_rounds=2",

@@ -1,0 +1,249 @@
+"""The process backend (``mode.backend=process``): pool sizing, GPU shares, workers, and Flower's engine on it."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import threading
+
+import pytest
+from flwr.app import ConfigRecord, Context, Message, MessageType, RecordDict
+from flwr.clientapp.client_app import ClientAppException, LoadClientAppError
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from fedpriv.process_backend import CONFIG_KEY, ProcessBackend, gpu_assignment, pool_size
+from fedpriv.simulation import SimulationMode, engine_backend
+
+CLIENT_APP = "process_apps:client"
+
+
+def backend_config(app: str = CLIENT_APP, *, num_cpus: float = 1.0, num_gpus: float = 0.0) -> dict:
+    """Flower's backend config for :class:`ProcessBackend`."""
+    return {"client_resources": {"num_cpus": num_cpus, "num_gpus": num_gpus}, CONFIG_KEY: {"client_app": app}}
+
+
+def job(action: str, *, node_id: int = 7, partition: int = 0) -> tuple[Message, Context]:
+    """A train message asking the test ClientApp for ``action``, and its node's context."""
+    message = Message(
+        RecordDict({"config": ConfigRecord({"action": action})}), dst_node_id=node_id, message_type=MessageType.TRAIN
+    )
+    context = Context(
+        run_id=1, node_id=node_id, node_config={"partition-id": partition}, state=RecordDict(), run_config={}
+    )
+    return message, context
+
+
+def is_running(pid: int) -> bool:
+    """Whether process ``pid`` exists (a reaped child does not)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+@pytest.fixture
+def two_workers():
+    """A built backend of two workers, terminated after the test."""
+    backend = ProcessBackend(backend_config(), cpus=2)
+    backend.build(lambda: pytest.fail("workers load the app themselves"))
+    yield backend
+    backend.terminate()
+
+
+@pytest.mark.parametrize(
+    ("cpus", "num_cpus", "gpus", "num_gpus", "expected"),
+    [(2, 1.0, 0, 0.0, 2), (2, 0.5, 0, 0.0, 4), (16, 3.0, 0, 0.0, 5), (1, 0.3, 0, 0.0, 3), (16, 1.0, 2, 0.5, 4),
+     (16, 1.0, 4, 2.0, 2), (2, 1.0, 8, 0.25, 2)],
+)
+def test_the_pool_holds_as_many_clients_as_the_cores_and_gpus_fit(cpus, num_cpus, gpus, num_gpus, expected):
+    # Execute
+    size = pool_size(cpus=cpus, client_num_cpus=num_cpus, gpus=gpus, client_num_gpus=num_gpus)
+
+    # Assert
+    assert size == expected
+
+
+@given(cpus=st.integers(1, 256), num_cpus=st.floats(0.01, 256.0))
+@settings(max_examples=200, deadline=None)
+def test_the_pool_never_needs_more_cores_than_the_machine_has(cpus, num_cpus):
+    # Execute / Assert: as many clients as fit, or a refusal when none does
+    if num_cpus > cpus * (1 + 1e-9):
+        with pytest.raises(ValueError, match=r"^mode.client_num_cpus="):
+            pool_size(cpus=cpus, client_num_cpus=num_cpus)
+    else:
+        size = pool_size(cpus=cpus, client_num_cpus=num_cpus)
+        assert size >= 1 and size * num_cpus <= cpus * (1 + 1e-6) and (size + 1) * num_cpus > cpus * (1 - 1e-6)
+
+
+def test_gpus_a_client_cannot_get_are_refused_naming_the_key():
+    # Execute / Assert
+    with pytest.raises(ValueError, match=r"^mode.client_num_gpus=1.0: this machine has 0 visible GPUs"):
+        pool_size(cpus=2, client_num_cpus=1.0, gpus=0, client_num_gpus=1.0)
+    with pytest.raises(ValueError, match=r"^mode.client_num_gpus=1.5: above 1 it must be a whole number"):
+        gpu_assignment(0, client_num_gpus=1.5)
+
+
+def test_gpu_shares_pack_workers_onto_gpus_in_turn():
+    # Execute
+    halves = [gpu_assignment(worker, client_num_gpus=0.5) for worker in range(4)]
+    thirds = [gpu_assignment(worker, client_num_gpus=0.3) for worker in range(4)]
+    pairs = [gpu_assignment(worker, client_num_gpus=2) for worker in range(2)]
+    none = gpu_assignment(3, client_num_gpus=0.0)
+
+    # Assert
+    assert halves == [(0,), (0,), (1,), (1,)]
+    assert thirds == [(0,), (0,), (0,), (1,)]
+    assert pairs == [(0, 1), (2, 3)]
+    assert none == ()
+
+
+def test_the_backend_config_must_name_the_client_app():
+    # Execute / Assert
+    with pytest.raises(ValueError, match=r"^backend config process.client_app='': must be 'module:attribute'"):
+        ProcessBackend({"client_resources": {"num_cpus": 1.0}}, cpus=2)
+
+
+def test_workers_answer_in_parallel_with_the_reply_and_the_updated_context(two_workers):
+    # Prepare
+    jobs = [job("echo", node_id=node, partition=node) for node in range(1, 7)]
+    answers = [None] * len(jobs)
+
+    def run(index):
+        answers[index] = two_workers.process_message(*jobs[index])
+
+    threads = [threading.Thread(target=run, args=(index,)) for index in range(len(jobs))]
+
+    # Execute
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=60)
+
+    # Assert: each reply answers its message, from a worker process (one thread
+    # each, as a Ray actor of one CPU), and carries the node's new state
+    assert two_workers.num_workers == 2
+    for (message, _), (reply, context) in zip(jobs, answers, strict=True):
+        facts = reply.content["facts"]
+        assert reply.metadata.reply_to_message_id == message.metadata.message_id
+        assert reply.metadata.src_node_id == message.metadata.dst_node_id
+        assert facts["partition"] == message.metadata.dst_node_id
+        assert facts["pid"] != os.getpid() and facts["threads"] == 1 and facts["gpus"] == ""
+        assert context.state.config_records["seen"]["count"] == 1
+    assert len({reply.content["facts"]["pid"] for reply, _ in answers}) <= 2
+
+
+def test_a_client_app_that_raises_gets_flowers_client_app_error_and_the_worker_goes_on(two_workers):
+    # Execute
+    with pytest.raises(ClientAppException, match="RuntimeError: asked to fail"):
+        two_workers.process_message(*job("raise"))
+    replies = [two_workers.process_message(*job("echo"))[0] for _ in range(2)]
+
+    # Assert
+    assert all(reply.content["facts"]["answered"] == 1 for reply in replies)
+    assert two_workers.replaced == 0
+
+
+def test_a_worker_that_dies_is_replaced_and_its_message_gets_an_error(two_workers):
+    # Prepare
+    before = {worker.process.pid for worker in two_workers._workers.values()}
+
+    # Execute
+    with pytest.raises(ClientAppException, match=r"worker \d \(pid \d+, exit code 3\) stopped while running the ClientApp for node 7"):
+        two_workers.process_message(*job("exit"))
+    pids = {two_workers.process_message(*job("echo"))[0].content["facts"]["pid"] for _ in range(4)}
+    after = {worker.process.pid for worker in two_workers._workers.values()}
+
+    # Assert: still two workers, one of them new, and the pool answers
+    assert two_workers.replaced == 1 and two_workers.num_workers == 2
+    assert len(after - before) == 1 and pids <= after
+
+
+def test_an_app_the_workers_cannot_load_fails_the_build():
+    # Prepare
+    missing = ProcessBackend(backend_config("process_apps:nothing_here"), cpus=1)
+    wrong = ProcessBackend(backend_config("process_apps:not_an_app"), cpus=1)
+
+    # Execute / Assert
+    with pytest.raises(LoadClientAppError, match="cannot load the ClientApp 'process_apps:nothing_here'"):
+        missing.build(lambda: None)
+    with pytest.raises(LoadClientAppError, match="'process_apps:not_an_app' is a object, not a ClientApp"):
+        wrong.build(lambda: None)
+    missing.terminate()
+    wrong.terminate()
+
+
+def test_terminate_stops_every_worker():
+    # Prepare
+    backend = ProcessBackend(backend_config(), cpus=2)
+    backend.build(lambda: None)
+    pids = [worker.process.pid for worker in backend._workers.values()]
+
+    # Execute
+    backend.terminate()
+
+    # Assert
+    assert len(pids) == 2 and not any(is_running(pid) for pid in pids)
+    assert backend.num_workers == 0
+
+
+def test_flowers_backend_name_is_restored_after_the_run_even_when_it_fails(monkeypatch):
+    # Prepare: once with Flower's Ray backend module not imported yet, once imported
+    from flwr.server.superlink.fleet.vce.backend import raybackend
+
+    name = "flwr.server.superlink.fleet.vce.backend.raybackend"
+    original = raybackend.RayBackend
+    seen = []
+
+    def make(config):
+        return config
+
+    # Execute
+    for imported in (False, True):
+        if not imported:
+            monkeypatch.delitem(sys.modules, name)
+        with pytest.raises(RuntimeError, match="inside"):
+            with engine_backend(make):
+                from flwr.server.superlink.fleet.vce.backend.raybackend import RayBackend
+
+                seen.append(RayBackend)
+                raise RuntimeError("inside")
+        if not imported:
+            assert name not in sys.modules
+            monkeypatch.setitem(sys.modules, name, raybackend)
+
+    # Assert: what Flower's engine would import while inside, and Flower's own after
+    assert seen == [make, make]
+    assert raybackend.RayBackend is original
+
+
+def test_the_process_backend_is_the_default_and_a_ray_address_needs_ray():
+    # Execute / Assert
+    assert SimulationMode().backend == "process"
+    with pytest.raises(ValueError, match=r"^mode.ray_address='10.0.0.5:6379': needs mode.backend=ray"):
+        SimulationMode(ray_address="10.0.0.5:6379")
+
+
+def test_flowers_engine_runs_on_worker_processes_without_ray_and_a_failing_client_is_an_error_reply(tmp_path):
+    # Prepare: three nodes, the second by node id raises; two workers of one core each
+    out = tmp_path / "replies.json"
+    mode = SimulationMode(server_app="process_apps:server", client_app=CLIENT_APP)
+
+    # Execute
+    mode.run(run_config={"out": str(out), "fail": "1", "nodes": 3}, num_supernodes=3)
+    document = json.loads(out.read_text())
+
+    # Assert: both rounds reached every node; node 1's error came back as
+    # Flower's ClientApp error, the others answered from worker processes and
+    # kept their state from one round to the next; Ray never started
+    first, second = document["rounds"]
+    assert "asked to fail" in first[1]["error"] and "asked to fail" in second[1]["error"]
+    answered = [first[0], first[2], second[0], second[2]]
+    assert [facts["answered"] for facts in answered] == [1, 1, 2, 2]
+    assert len({facts["partition"] for facts in answered}) == 2
+    assert {facts["partition"] for facts in answered} <= {0, 1, 2}
+    assert document["server_pid"] == os.getpid()
+    assert all(facts["pid"] != os.getpid() for facts in answered)
+    assert "ray" not in sys.modules or not sys.modules["ray"].is_initialized()
