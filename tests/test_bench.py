@@ -113,7 +113,9 @@ def test_the_floor_trains_as_many_clients_at_once_as_the_simulation():
     # Execute / Assert
     cores = os.cpu_count() or 1
     assert bench.simulation_workers(["mode.client_num_cpus=1"]) == max(1, cores)
-    assert bench.simulation_workers([f"mode.client_num_cpus={cores * 2}"]) == 1
+    assert bench.simulation_workers([f"mode.client_num_cpus={cores}"]) == 1
+    with pytest.raises(ValueError, match=rf"^mode.client_num_cpus={cores * 2}.0: more than this machine's {cores} cores"):
+        bench.simulation_workers([f"mode.client_num_cpus={cores * 2}"])
 
 
 # Flower's example makes an engine without secure_mode and trains a first layer
