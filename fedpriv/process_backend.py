@@ -2,110 +2,29 @@
 
 Flower 1.42's simulation engine hands each message for a simulated SuperNode to
 a :class:`~flwr.server.superlink.fleet.vce.backend.Backend`; its only backend
-runs the ClientApp in a pool of Ray actors. On one machine Ray costs several
-seconds a run that train nothing: starting its cluster (GCS, raylet, API
-server, dashboard agent), starting actors, and a graceful shutdown that waits a
-second for each daemon. :class:`ProcessBackend` does the same job with
-``workers`` child processes of this one: each loads the ClientApp from its
-``module:attribute`` reference once, then runs one message at a time and sends
-back the reply and the node's updated context, exactly what a Ray actor
-returns. Everything else (the LinkState, the message queues, the node
-contexts, the ServerApp and its grid) is Flower's engine, unchanged.
-
-The pool is sized as Ray sizes its actor pool on one node: one worker per
-``client_num_cpus`` cores (and per ``client_num_gpus`` of the visible GPUs when
-that is set). A worker that raises gets Flower's ``ClientAppException`` error
-reply; a worker that dies (killed, out of memory) is replaced, and the message
-it held gets the same error reply, so the round goes on with the others.
+runs the ClientApp in a pool of Ray actors. On one machine Ray costs seconds a
+run that train nothing: starting its cluster (GCS, raylet, API server,
+dashboard agent), starting actors, and a shutdown that gives each daemon a
+second to exit. :class:`ProcessBackend` does the same job with a
+:class:`~fedpriv.worker_pool.WorkerPool` of child processes of this one, which
+answer each message with the reply and the node's updated context, exactly what
+a Ray actor returns. Everything else (the link state, the message queues, the
+node contexts, the ServerApp and its grid) is Flower's engine, unchanged.
 """
 
 from __future__ import annotations
 
-import math
-import multiprocessing
 import os
-import queue
-import threading
 from collections.abc import Callable
-from dataclasses import dataclass
 
 from flwr.app import Context, Message
-from flwr.clientapp.client_app import ClientApp, ClientAppException, LoadClientAppError
+from flwr.clientapp.client_app import ClientApp
 from flwr.server.superlink.fleet.vce.backend import Backend, BackendConfig
 
-from fedpriv.logs import get_logger
-from fedpriv.process_worker import serve
+from fedpriv.worker_pool import WorkerPool, pool_size, visible_gpus
 
 CONFIG_KEY = "process"
 """The backend config section of this backend: ``{"client_app": "module:attribute"}``."""
-
-STOP_SECONDS = 10.0
-"""How long :meth:`ProcessBackend.terminate` waits for a worker before killing it."""
-
-logger = get_logger(__name__)
-
-
-def pool_size(*, cpus: int, client_num_cpus: float, gpus: int = 0, client_num_gpus: float = 0.0) -> int:
-    """How many clients train at once on a machine with ``cpus`` cores and ``gpus`` GPUs.
-
-    One worker per whole ``client_num_cpus`` of the cores and, when
-    ``client_num_gpus > 0``, no more than the GPUs hold (see
-    :func:`gpu_assignment`), as Ray packs its actors on one node.
-
-    Raises
-    ------
-    ValueError
-        When not even one client fits (naming the setting that does not).
-    """
-    # A small tolerance so that 3 x 0.1 cores fit in 0.3 despite binary fractions.
-    size = math.floor(cpus / client_num_cpus + 1e-9)
-    if size < 1:
-        raise ValueError(f"mode.client_num_cpus={client_num_cpus!r}: more than this machine's {cpus} cores")
-    if client_num_gpus > 0:
-        if client_num_gpus < 1:
-            by_gpus = gpus * math.floor(1 / client_num_gpus + 1e-9)
-        else:
-            by_gpus = gpus // int(client_num_gpus)
-        if by_gpus < 1:
-            raise ValueError(f"mode.client_num_gpus={client_num_gpus!r}: this machine has {gpus} visible GPUs")
-        size = min(size, by_gpus)
-    return size
-
-
-def gpu_assignment(worker: int, *, client_num_gpus: float) -> tuple[int, ...]:
-    """The GPU ids worker number ``worker`` (from 0) runs on.
-
-    A share below one GPU packs ``floor(1 / share)`` workers on each GPU in
-    turn; a whole number of GPUs gives each worker its own consecutive ones.
-    No GPUs when ``client_num_gpus`` is 0.
-
-    Raises
-    ------
-    ValueError
-        A share above one that is not a whole number (Ray refuses those too).
-    """
-    if client_num_gpus <= 0:
-        return ()
-    if client_num_gpus < 1:
-        return (worker // math.floor(1 / client_num_gpus + 1e-9),)
-    if client_num_gpus != int(client_num_gpus):
-        raise ValueError(f"mode.client_num_gpus={client_num_gpus!r}: above 1 it must be a whole number of GPUs")
-    count = int(client_num_gpus)
-    return tuple(range(worker * count, (worker + 1) * count))
-
-
-@dataclass
-class _Worker:
-    """One worker process and the driver's end of its pipe."""
-
-    number: int
-    process: multiprocessing.process.BaseProcess
-    connection: object
-
-    def describe(self) -> str:
-        """``worker N (pid P, exit code X)`` for messages."""
-        self.process.join(timeout=1.0)
-        return f"worker {self.number} (pid {self.process.pid}, exit code {self.process.exitcode})"
 
 
 class ProcessBackend(Backend):
@@ -117,8 +36,12 @@ class ProcessBackend(Backend):
         Flower's backend config: ``client_resources`` (``num_cpus``,
         ``num_gpus``, as for Ray) and ``process`` (``client_app``: the
         ClientApp's ``module:attribute``, loaded by each worker).
+    pool : WorkerPool, optional
+        A pool already started (its workers load the app while the engine
+        starts); by default one sized for this machine (:func:`pool_size`).
     cpus, gpus : int, optional
-        The machine's cores and visible GPUs (default: what this process sees).
+        The machine's cores and visible GPUs for the default pool (default:
+        what this process sees).
 
     Raises
     ------
@@ -126,73 +49,50 @@ class ProcessBackend(Backend):
         When ``process.client_app`` is missing or the resources fit no client.
     """
 
-    def __init__(self, backend_config: BackendConfig, *, cpus: int | None = None, gpus: int | None = None) -> None:
+    def __init__(
+        self,
+        backend_config: BackendConfig,
+        *,
+        pool: WorkerPool | None = None,
+        cpus: int | None = None,
+        gpus: int | None = None,
+    ) -> None:
         super().__init__(backend_config)
-        settings = backend_config.get(CONFIG_KEY) or {}
-        self.client_app = str(settings.get("client_app", ""))
-        if ":" not in self.client_app:
-            raise ValueError(f"backend config {CONFIG_KEY}.client_app={self.client_app!r}: must be 'module:attribute'")
-        resources = backend_config.get("client_resources") or {}
-        self.client_num_cpus = float(resources.get("num_cpus", 1.0))
-        self.client_num_gpus = float(resources.get("num_gpus", 0.0))
-        if gpus is None:
-            gpus = visible_gpus() if self.client_num_gpus > 0 else 0
-        self.size = pool_size(
-            cpus=cpus or os.cpu_count() or 1,
-            client_num_cpus=self.client_num_cpus,
-            gpus=gpus,
-            client_num_gpus=self.client_num_gpus,
-        )
-        self._context = multiprocessing.get_context("spawn")
-        self._workers: dict[int, _Worker] = {}
-        self._idle: queue.SimpleQueue[_Worker] = queue.SimpleQueue()
-        self._lock = threading.Lock()
-        self._stopping = threading.Event()
-        self._started = False
-        self.replaced = 0
-        """Workers that died and were started again."""
+        if pool is None:
+            settings = backend_config.get(CONFIG_KEY) or {}
+            client_app = str(settings.get("client_app", ""))
+            if ":" not in client_app:
+                raise ValueError(f"backend config {CONFIG_KEY}.client_app={client_app!r}: must be 'module:attribute'")
+            resources = backend_config.get("client_resources") or {}
+            num_cpus = float(resources.get("num_cpus", 1.0))
+            num_gpus = float(resources.get("num_gpus", 0.0))
+            if gpus is None:
+                gpus = visible_gpus() if num_gpus > 0 else 0
+            size = pool_size(cpus=cpus or os.cpu_count() or 1, client_num_cpus=num_cpus, gpus=gpus, client_num_gpus=num_gpus)
+            pool = WorkerPool(client_app=client_app, size=size, client_num_cpus=num_cpus, client_num_gpus=num_gpus)
+        self.pool = pool
 
     @property
     def num_workers(self) -> int:
-        """Messages processed at once: the pool's size once built."""
-        return len(self._workers)
-
-    def start(self) -> None:
-        """Start the workers without waiting for them (they import and load the app meanwhile).
-
-        :meth:`build` starts them if this was not called; calling it earlier
-        lets the workers' start overlap the driver's own (see
-        :class:`~fedpriv.simulation.SimulationMode`).
-        """
-        with self._lock:
-            if self._started:
-                return
-            self._started = True
-        for number in range(self.size):
-            self._start(number)
+        """Messages processed at once: the pool's running workers."""
+        return self.pool.running
 
     def build(self, app_fn: Callable[[], ClientApp]) -> None:
-        """Start the workers (unless :meth:`start` did) and wait until each has loaded the ClientApp.
+        """Start the pool (unless started) and wait until every worker has loaded the ClientApp.
 
         ``app_fn`` (the driver's own copy of the app) is not used: each worker
-        loads ``process.client_app`` itself, so nothing is pickled but messages.
+        loads the app by its reference, so nothing is pickled but messages.
 
         Raises
         ------
         LoadClientAppError
             When a worker cannot load the ClientApp.
         """
-        self.start()
-        with self._lock:
-            started = list(self._workers.values())
-        for worker in started:
-            self._await_ready(worker)
-            self._idle.put(worker)
-        logger.debug("process backend: %d workers, pids %s", self.size, [w.process.pid for w in started])
+        self.pool.wait_ready()
 
     def is_worker_idle(self) -> bool:
         """Whether a worker is free for a message."""
-        return not self._idle.empty()
+        return self.pool.has_idle()
 
     def process_message(self, message: Message, context: Context) -> tuple[Message, Context]:
         """Run the ClientApp on ``message`` in a free worker; its reply and the node's updated context.
@@ -202,94 +102,8 @@ class ProcessBackend(Backend):
         ClientAppException
             When the ClientApp raised, or its worker died (the worker is replaced).
         """
-        worker = self._idle.get()
-        try:
-            worker.connection.send((message, context))
-            answer = worker.connection.recv()
-        except (EOFError, OSError) as error:
-            described = worker.describe()
-            self._idle.put(worker if self._stopping.is_set() else self._replace(worker))
-            raise ClientAppException(
-                f"{described} stopped while running the ClientApp for node {message.metadata.dst_node_id}"
-            ) from error
-        self._idle.put(worker)
-        if answer[0] == "raised":
-            raise ClientAppException(answer[1])
-        _, reply, updated = answer
-        return reply, updated
+        return self.pool.run(message, context)
 
     def terminate(self) -> None:
-        """Ask every worker to stop; kill the ones still running after :data:`STOP_SECONDS`."""
-        self._stopping.set()
-        with self._lock:
-            workers, self._workers = list(self._workers.values()), {}
-        for worker in workers:
-            try:
-                worker.connection.send(None)
-            except OSError:
-                pass
-        for worker in workers:
-            worker.process.join(timeout=STOP_SECONDS)
-            if worker.process.is_alive():
-                logger.warning("process backend: %s did not stop, killing it", worker.describe())
-                worker.process.kill()
-                worker.process.join()
-            worker.connection.close()
-
-    def _start(self, number: int) -> _Worker:
-        """Start worker ``number`` (it loads the app in the background)."""
-        parent_end, child_end = self._context.Pipe()
-        gpus = gpu_assignment(number, client_num_gpus=self.client_num_gpus) if self.client_num_gpus > 0 else None
-        process = self._context.Process(
-            target=serve,
-            args=(child_end,),
-            kwargs={"client_app": self.client_app, "threads": max(1, int(self.client_num_cpus)), "gpus": gpus},
-            name=f"fedpriv-client-worker-{number}",
-            daemon=True,
-        )
-        process.start()
-        child_end.close()
-        worker = _Worker(number=number, process=process, connection=parent_end)
-        with self._lock:
-            self._workers[number] = worker
-        return worker
-
-    def _await_ready(self, worker: _Worker) -> None:
-        """Wait for ``worker``'s ready signal.
-
-        Raises
-        ------
-        LoadClientAppError
-            When it could not load the app or exited first.
-        """
-        try:
-            answer = worker.connection.recv()
-        except EOFError as error:
-            raise LoadClientAppError(f"{worker.describe()} exited before loading {self.client_app!r}") from error
-        if answer[0] != "ready":
-            raise LoadClientAppError(answer[1])
-
-    def _replace(self, worker: _Worker) -> _Worker:
-        """Start a new worker in place of the dead ``worker``.
-
-        If the new one cannot load the app either, the dead one is returned:
-        the next message sent to it fails at once and tries again, so every
-        message still gets an answer.
-        """
-        worker.connection.close()
-        try:
-            replacement = self._start(worker.number)
-            self._await_ready(replacement)
-        except LoadClientAppError as error:
-            logger.error("process backend: worker %d could not be replaced: %s", worker.number, error)
-            return worker
-        self.replaced += 1
-        logger.warning("process backend: worker %d replaced (new pid %d)", worker.number, replacement.process.pid)
-        return replacement
-
-
-def visible_gpus() -> int:
-    """CUDA GPUs this process sees (0 without CUDA)."""
-    import torch
-
-    return torch.cuda.device_count() if torch.cuda.is_available() else 0
+        """Stop every worker."""
+        self.pool.terminate()

@@ -163,7 +163,7 @@ class SimulationMode:
             When one client's ``client_num_cpus`` or ``client_num_gpus`` is more
             than this machine has.
         """
-        from fedpriv.process_backend import pool_size, visible_gpus
+        from fedpriv.worker_pool import pool_size, visible_gpus
 
         return pool_size(
             cpus=os.cpu_count() or 1,
@@ -180,6 +180,29 @@ class SimulationMode:
         RuntimeError
             When the ServerApp or the simulation runtime failed.
         """
+        pool = None
+        if self.backend == "process":
+            from fedpriv.worker_pool import WorkerPool
+
+            # Started before Flower's engine is even imported: the workers
+            # import torch and load the ClientApp while this process starts
+            # the engine and the ServerApp.
+            pool = WorkerPool(
+                client_app=self.client_app,
+                size=self.worker_count(),
+                client_num_cpus=self.client_num_cpus,
+                client_num_gpus=self.client_num_gpus,
+            )
+            pool.start()
+        try:
+            self._run_engine(run_config=run_config, num_supernodes=num_supernodes, pool=pool)
+        finally:
+            # Flower's engine stops the backend it built; this covers a run that failed before.
+            if pool is not None:
+                pool.terminate()
+
+    def _run_engine(self, *, run_config: dict[str, Scalar], num_supernodes: int, pool) -> None:
+        """Flower's simulation engine on Ray, or on the process backend over ``pool``."""
         os.environ.setdefault("RAY_DEDUP_LOGS", "0")
         os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
         from flwr.app import Context, RecordDict
@@ -193,40 +216,31 @@ class SimulationMode:
             "client_resources": {"num_cpus": self.client_num_cpus, "num_gpus": self.client_num_gpus},
             "init_args": init_args,
         }
-        pool = None
-        if self.backend == "process":
-            from fedpriv.process_backend import CONFIG_KEY, ProcessBackend
+        make_backend = None
+        if pool is not None:
+            from fedpriv.process_backend import ProcessBackend
 
-            backend_config[CONFIG_KEY] = {"client_app": self.client_app}
-            pool = ProcessBackend(backend_config)
-            # The workers import torch and load the ClientApp while Flower's
-            # engine and the ServerApp start here.
-            pool.start()
-        try:
-            with (
-                tempfile.TemporaryDirectory(prefix="fedpriv-app-") as app_dir,
-                engine_backend(None if pool is None else lambda _: pool),
-            ):
-                stage_app(run_config, Path(app_dir), server_app=self.server_app, client_app=self.client_app)
-                context = Context(
-                    run_id=0, node_id=0, node_config={}, state=RecordDict(), run_config=dict(run_config)
-                )
-                _run_simulation(
-                    num_supernodes=num_supernodes,
-                    exit_event=EventType.PYTHON_API_RUN_SIMULATION_LEAVE,
-                    backend_name=self.backend,
-                    backend_config=backend_config,
-                    server_app_attr=self.server_app,
-                    client_app_attr=self.client_app,
-                    server_app_context=context,
-                    app_dir=app_dir,
-                    is_app=True,
-                    verbose_logging=self.verbose,
-                )
-        finally:
-            # Flower's engine stops the backend it built; this covers a run that failed before.
-            if pool is not None:
-                pool.terminate()
+            def make_backend(config):
+                return ProcessBackend(config, pool=pool)
+
+        with (
+            tempfile.TemporaryDirectory(prefix="fedpriv-app-") as app_dir,
+            engine_backend(make_backend),
+        ):
+            stage_app(run_config, Path(app_dir), server_app=self.server_app, client_app=self.client_app)
+            context = Context(run_id=0, node_id=0, node_config={}, state=RecordDict(), run_config=dict(run_config))
+            _run_simulation(
+                num_supernodes=num_supernodes,
+                exit_event=EventType.PYTHON_API_RUN_SIMULATION_LEAVE,
+                backend_name=self.backend,
+                backend_config=backend_config,
+                server_app_attr=self.server_app,
+                client_app_attr=self.client_app,
+                server_app_context=context,
+                app_dir=app_dir,
+                is_app=True,
+                verbose_logging=self.verbose,
+            )
 
 
 @contextlib.contextmanager

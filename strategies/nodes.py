@@ -11,6 +11,15 @@ from fedpriv.logs import get_logger
 
 logger = get_logger(__name__)
 
+NODE_POLL_SECONDS = 0.1
+"""Seconds between two looks at the connected nodes while waiting for them.
+
+Short, so that a simulation whose engine is still registering its nodes
+(about 1 s for 10,000) starts its first round when the last one is in.
+"""
+LOG_EVERY_POLLS = 10
+"""While waiting, log the count once every this many looks (once a second)."""
+
 
 class NodeTracker:
     """Follows the connected nodes of one run for a strategy.
@@ -53,6 +62,7 @@ class NodeTracker:
         """
         needed = min(self.min_available_nodes, 1) if self._started else self.min_available_nodes
         deadline = time.monotonic() + self.wait_seconds
+        looks = 0
         while len(nodes := sorted(grid.get_node_ids())) < needed:
             if time.monotonic() > deadline:
                 if self._started:
@@ -64,8 +74,10 @@ class NodeTracker:
                     f"only {len(nodes)} nodes connected after {self.wait_seconds:.0f}s; "
                     f"strategy.min_available_nodes={self.min_available_nodes}"
                 )
-            logger.info("waiting for nodes: %d of %d connected", len(nodes), needed)
-            self._sleep(1.0)
+            if looks % LOG_EVERY_POLLS == 0:
+                logger.info("waiting for nodes: %d of %d connected", len(nodes), needed)
+            looks += 1
+            self._sleep(NODE_POLL_SECONDS)
         self._started = True
         self._observe(set(nodes), server_round=server_round)
         return nodes

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from strategies.polling import PollingGrid
+from strategies.polling import IN_MEMORY_POLL_SECONDS, REPLY_POLL_SECONDS, PollingGrid, poll_interval
 
 
 class _Reply:
@@ -87,3 +87,22 @@ def test_no_messages_means_no_pull_and_the_rest_is_the_wrapped_grid():
 def test_a_non_positive_interval_is_refused():
     with pytest.raises(ValueError, match="interval=0"):
         PollingGrid(_FakeGrid({}), interval=0)
+
+
+def test_the_simulations_in_memory_grid_is_polled_more_often_than_a_deployments():
+    # Prepare: the grid Flower's simulation engine gives the ServerApp, and another
+    from flwr.superlink.federation import NoOpFederationManager
+    from flwr.server.superlink.linkstate import LinkStateFactory
+    from flwr.supercore.constant import FLWR_IN_MEMORY_DB_NAME
+    from flwr.supercore.object_store import ObjectStoreFactory
+    from flwr.superlink.grid import InMemoryGrid
+
+    in_memory = InMemoryGrid(
+        state_factory=LinkStateFactory(FLWR_IN_MEMORY_DB_NAME, NoOpFederationManager(), ObjectStoreFactory())
+    )
+
+    # Execute
+    intervals = (poll_interval(in_memory), poll_interval(_FakeGrid({})))
+
+    # Assert
+    assert intervals == (IN_MEMORY_POLL_SECONDS, REPLY_POLL_SECONDS) == (0.01, 0.1)

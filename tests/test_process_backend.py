@@ -1,4 +1,4 @@
-"""The process backend (``mode.backend=process``): pool sizing, GPU shares, workers, and Flower's engine on it."""
+"""The process backend (``mode.backend=process``): pool sizing, GPU shares, the worker pool, and Flower's engine on it."""
 
 from __future__ import annotations
 
@@ -13,7 +13,8 @@ from flwr.clientapp.client_app import ClientAppException, LoadClientAppError
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from fedpriv.process_backend import CONFIG_KEY, ProcessBackend, gpu_assignment, pool_size
+from fedpriv.process_backend import CONFIG_KEY, ProcessBackend
+from fedpriv.worker_pool import WorkerPool, gpu_assignment, pool_size
 from fedpriv.simulation import SimulationMode, engine_backend
 
 CLIENT_APP = "process_apps:client"
@@ -143,21 +144,21 @@ def test_a_client_app_that_raises_gets_flowers_client_app_error_and_the_worker_g
 
     # Assert
     assert all(reply.content["facts"]["answered"] == 1 for reply in replies)
-    assert two_workers.replaced == 0
+    assert two_workers.pool.replaced == 0
 
 
 def test_a_worker_that_dies_is_replaced_and_its_message_gets_an_error(two_workers):
     # Prepare
-    before = {worker.process.pid for worker in two_workers._workers.values()}
+    before = {worker.process.pid for worker in two_workers.pool._workers.values()}
 
     # Execute
     with pytest.raises(ClientAppException, match=r"worker \d \(pid \d+, exit code 3\) stopped while running the ClientApp for node 7"):
         two_workers.process_message(*job("exit"))
     pids = {two_workers.process_message(*job("echo"))[0].content["facts"]["pid"] for _ in range(4)}
-    after = {worker.process.pid for worker in two_workers._workers.values()}
+    after = {worker.process.pid for worker in two_workers.pool._workers.values()}
 
     # Assert: still two workers, one of them new, and the pool answers
-    assert two_workers.replaced == 1 and two_workers.num_workers == 2
+    assert two_workers.pool.replaced == 1 and two_workers.num_workers == 2
     assert len(after - before) == 1 and pids <= after
 
 
@@ -175,11 +176,40 @@ def test_an_app_the_workers_cannot_load_fails_the_build():
     wrong.terminate()
 
 
+def test_a_pool_started_early_is_the_one_the_backend_uses_and_is_built_once():
+    # Prepare: a pool whose workers load the app before any backend exists
+    pool = WorkerPool(client_app=CLIENT_APP, size=1)
+    pool.start()
+    backend = ProcessBackend({"client_resources": {"num_cpus": 1.0}}, pool=pool)
+
+    # Execute
+    backend.build(lambda: None)
+    backend.build(lambda: None)
+    reply, _ = backend.process_message(*job("echo"))
+    backend.terminate()
+    backend.terminate()
+
+    # Assert
+    assert backend.pool is pool and pool.size == 1
+    assert reply.content["facts"]["answered"] == 1
+    assert pool.running == 0 and not is_running(reply.content["facts"]["pid"])
+
+
+@pytest.mark.parametrize(("settings", "message"), [
+    ({"client_app": "no_colon", "size": 1}, r"^client_app='no_colon': must be 'module:attribute'"),
+    ({"client_app": CLIENT_APP, "size": 0}, r"^size=0: a pool needs at least one worker"),
+])
+def test_a_pool_refuses_settings_it_cannot_run(settings, message):
+    # Execute / Assert
+    with pytest.raises(ValueError, match=message):
+        WorkerPool(**settings)
+
+
 def test_terminate_stops_every_worker():
     # Prepare
     backend = ProcessBackend(backend_config(), cpus=2)
     backend.build(lambda: None)
-    pids = [worker.process.pid for worker in backend._workers.values()]
+    pids = [worker.process.pid for worker in backend.pool._workers.values()]
 
     # Execute
     backend.terminate()

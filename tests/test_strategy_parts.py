@@ -27,7 +27,7 @@ def test_the_tracker_waits_for_the_start_condition_then_goes_on_with_who_is_left
     second = tracker.connected(grid, server_round=2)
 
     # Assert
-    assert (first, waits) == ([1, 2, 3], [1.0])
+    assert (first, waits) == ([1, 2, 3], [0.1])
     assert second == [1, 3]
     assert tracker.counts == {"num_available": 2, "num_lost_nodes": 1}
 
