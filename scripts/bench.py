@@ -377,16 +377,20 @@ def compute_floor(overrides: list[str], *, workers: int = 1) -> dict[str, Any]:
 
     torch.set_num_threads(1)
     start = time.perf_counter()
-    experiment = load_experiment(compose_config(overrides))
-    settings = experiment.settings
-    if experiment.strategy_config.get("fraction_train", 1.0) != 1.0:
-        raise ValueError("the compute floor assumes every client trains in every round")
-    splits = experiment.dataset.load()
-    torch.manual_seed(settings.seed)
-    model = experiment.build_model()
-    setup = time.perf_counter() - start
-    round_seconds, accuracy = [], None
     with _floor_pool(overrides, workers=workers) as pool:
+        if pool is not None:
+            # Spawns every worker now, so that they start (and load the clients) while this
+            # process sets up, as the simulation starts its worker pool before its engine.
+            pool.submit(int)
+        experiment = load_experiment(compose_config(overrides))
+        settings = experiment.settings
+        if experiment.strategy_config.get("fraction_train", 1.0) != 1.0:
+            raise ValueError("the compute floor assumes every client trains in every round")
+        splits = experiment.dataset.load()
+        torch.manual_seed(settings.seed)
+        model = experiment.build_model()
+        setup = time.perf_counter() - start
+        round_seconds, accuracy = [], None
         for server_round in range(1, settings.num_rounds + 1):
             start = time.perf_counter()
             global_state = {name: value.numpy() for name, value in model.state_dict().items()}
