@@ -4,8 +4,8 @@ A client's ``client.device`` and the server's ``server_device`` take one of
 :data:`DEVICES`. ``auto`` follows the GPUs this process was given and
 otherwise stays on the CPU: a simulated client uses the GPU its worker process
 (``mode.backend=process``) or Ray (``mode.backend=ray``) assigned it
-(``mode.client_num_gpus > 0``), a SuperNode's ``flwr-clientapp`` has none assigned, and the server counts every GPU its
-process sees. ``cuda`` asks for a GPU whatever was assigned and fails where
+(``mode.client_num_gpus > 0``), a SuperNode's ``flwr-clientapp`` has none
+assigned, and the server counts every GPU its process sees. ``cuda`` asks for a GPU whatever was assigned and fails where
 there is none. :func:`resolve_device` is the rule, a pure function;
 :func:`client_device` and :func:`server_device` feed it what this process sees.
 """

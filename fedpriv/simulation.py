@@ -9,8 +9,9 @@ pool of worker processes of this one; ``mode.backend=ray`` is Flower's Ray
 backend, for GPUs shared by Ray's scheduler and for Ray clusters. Flower 1.42's
 engine builds its Ray backend by name whatever backend it is asked for
 (``start_vce`` imports ``RayBackend`` when it starts), so for the process
-backend :func:`engine_backend` binds that name to ``ProcessBackend`` for the
-duration of the run and restores it after. The public ``run_simulation`` wrapper is
+backend :func:`engine_backend` puts a maker of ``ProcessBackend`` under that
+name for the duration of the run (in a stand-in module, so that Ray is not
+imported either) and restores it after. The public ``run_simulation`` wrapper is
 deprecated in Flower 1.42, and ``flwr run`` only accepts run-config keys that
 the app's ``pyproject.toml`` already declares, while a config group (say
 ``strategy=dp_fixed``) brings keys of its own. So the composed run config is
@@ -106,7 +107,7 @@ class SimulationMode:
         GPUs reserved per simulated client; a client with ``client.device=auto``
         trains on the GPU its worker (or Ray) assigns it.
     ray_address : str
-        Empty (default) starts Ray on this machine. ``HOST:PORT`` (the
+        With ``backend=ray`` only. Empty (default) starts Ray on this machine. ``HOST:PORT`` (the
         address ``ray start --head`` printed) or ``auto`` (the cluster this
         machine's ``ray start`` started or joined) runs the clients on that
         existing Ray cluster; the ServerApp stays in this process, which must

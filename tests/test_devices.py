@@ -17,7 +17,14 @@ from clients.plain import PlainTraining
 from conftest import REPO, run_project_script
 from fedpriv import devices
 from fedpriv.compose import compose_config
-from fedpriv.devices import client_device, ray_assigned_gpus, resolve_device, server_device
+from fedpriv.devices import (
+    ASSIGNED_GPUS_ENV,
+    assigned_gpus,
+    client_device,
+    ray_assigned_gpus,
+    resolve_device,
+    server_device,
+)
 from fedpriv.experiment import check_runnable, load_experiment
 from fedpriv.metrics import evaluation_metrics
 from fedpriv.models import MLP
@@ -82,6 +89,22 @@ def test_ray_assigned_gpus_are_read_from_a_running_ray_worker_only(monkeypatch):
 
     # Assert
     assert (in_worker, outside, without_ray) == ((1,), (), ())
+
+
+def test_a_process_backend_worker_finds_its_gpus_in_the_environment_and_auto_uses_them(monkeypatch):
+    # Prepare: no Ray here, a machine with a GPU
+    monkeypatch.delitem(sys.modules, "ray", raising=False)
+    monkeypatch.setattr(devices.torch.cuda, "is_available", lambda: True)
+
+    # Execute
+    monkeypatch.setenv(ASSIGNED_GPUS_ENV, "2,3")
+    given, on_gpu = assigned_gpus(), client_device("auto")
+    monkeypatch.setenv(ASSIGNED_GPUS_ENV, "")
+    none, on_cpu = assigned_gpus(), client_device("auto")
+
+    # Assert
+    assert (given, none) == ((2, 3), ())
+    assert (on_gpu, on_cpu) == (CUDA, CPU)
 
 
 def test_auto_uses_the_gpu_ray_assigned_to_the_client(monkeypatch):

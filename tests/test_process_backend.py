@@ -136,6 +136,20 @@ def test_workers_answer_in_parallel_with_the_reply_and_the_updated_context(two_w
     assert len({reply.content["facts"]["pid"] for reply, _ in answers}) <= 2
 
 
+def test_workers_sharing_gpus_are_told_which_ones_before_the_app_loads():
+    # Prepare: half a GPU per client on a machine said to have one GPU and two cores
+    backend = ProcessBackend(backend_config(num_gpus=0.5), cpus=2, gpus=1)
+    backend.build(lambda: None)
+
+    # Execute
+    facts = [backend.process_message(*job("echo"))[0].content["facts"] for _ in range(4)]
+    backend.terminate()
+
+    # Assert: both workers run on GPU 0, each seeing only it
+    assert backend.pool.size == 2
+    assert {fact["gpus"] for fact in facts} == {"0"}
+
+
 def test_a_client_app_that_raises_gets_flowers_client_app_error_and_the_worker_goes_on(two_workers):
     # Execute
     with pytest.raises(ClientAppException, match="RuntimeError: asked to fail"):
@@ -152,7 +166,8 @@ def test_a_worker_that_dies_is_replaced_and_its_message_gets_an_error(two_worker
     before = {worker.process.pid for worker in two_workers.pool._workers.values()}
 
     # Execute
-    with pytest.raises(ClientAppException, match=r"worker \d \(pid \d+, exit code 3\) stopped while running the ClientApp for node 7"):
+    stopped = r"worker \d \(pid \d+, exit code 3\) stopped while running the ClientApp for node 7"
+    with pytest.raises(ClientAppException, match=stopped):
         two_workers.process_message(*job("exit"))
     pids = {two_workers.process_message(*job("echo"))[0].content["facts"]["pid"] for _ in range(4)}
     after = {worker.process.pid for worker in two_workers.pool._workers.values()}
