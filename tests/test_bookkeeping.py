@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 from torch import nn
 from torch.func import functional_call, grad, vmap
 
-from fedpriv.models import CNN28, CNN32, MLP, LogisticRegression
+from fedpriv.models import CNN28, CNN32, MLP, LogisticRegression, ScatterNet
 from fedpriv.privacy.bookkeeping import (
     BookKeepingDPSGD,
     bookkeeping_unsupported,
@@ -30,6 +30,11 @@ MODELS = {
     "logreg": (lambda: LogisticRegression(input_shape=(6,), num_classes=3), (6,)),
     "cnn28": (lambda: CNN28(input_shape=(1, 28, 28), num_classes=10, channels=(4, 8), groups=2), (1, 28, 28)),
     "cnn32": (lambda: CNN32(input_shape=(3, 32, 32), num_classes=10, channels=(4, 8, 8), groups=2), (3, 32, 32)),
+    # A fixed scattering transform (buffers, no parameters) under GroupNorm, a conv stage and a linear layer.
+    "scatternet": (
+        lambda: ScatterNet(input_shape=(2, 16, 16), num_classes=10, J=2, L=2, groups=3, channels=(4,), cnn_groups=2),
+        (2, 16, 16),
+    ),
 }
 
 

@@ -308,3 +308,21 @@ def test_the_epsilon_3_preset_is_one_override_and_spends_epsilon_3_over_the_run(
     assert chosen["client"]["lr"] == 2.0
     assert 0.99 * 3 <= outcomes[-1].metrics["epsilon"] <= 3
     assert outcomes[-1].metrics["delta"] == 1e-5
+
+
+def test_the_scatternet_epsilon_3_preset_picks_its_model_and_the_command_line_still_wins():
+    # Prepare
+    overrides = ["dataset=mnist", "client=opacus", "tuning=mnist_opacus_eps3_scatter"]
+
+    # Execute
+    config = compose_config(overrides)
+    chosen = compose_config([*overrides, "model=cnn28", "client.local_epochs=2"])
+    model = load_experiment(config).build_model()
+
+    # Assert
+    assert type(model).__name__ == "ScatterNet" and model.scattering.maps_per_channel == 81
+    assert {key: config["client"][key] for key in ("batch_size", "local_epochs", "lr", "momentum", "max_grad_norm")} == {
+        "batch_size": 420, "local_epochs": 3, "lr": 4.0, "momentum": 0.9, "max_grad_norm": 0.1
+    }
+    assert (config["client"]["noise_multiplier"], config["client"]["target_epsilon"]) == (None, 3)
+    assert chosen["model"]["_target_"] == "fedpriv.models.CNN28" and chosen["client"]["local_epochs"] == 2

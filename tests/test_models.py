@@ -6,7 +6,7 @@ import pytest
 import torch
 from opacus.validators import ModuleValidator
 
-from fedpriv.models import CNN28, CNN32, MLP, LogisticRegression
+from fedpriv.models import CNN28, CNN32, MLP, LogisticRegression, ScatterNet
 
 CASES = [
     (MLP, (1, 8, 8), {"hidden_sizes": [32, 16]}),
@@ -15,6 +15,8 @@ CASES = [
     (CNN28, (1, 28, 28), {"activation": "tanh"}),
     (CNN32, (3, 32, 32), {}),
     (CNN32, (3, 32, 32), {"activation": "tanh"}),
+    (ScatterNet, (1, 28, 28), {}),
+    (ScatterNet, (3, 32, 32), {"channels": [16], "activation": "tanh"}),
 ]
 
 
