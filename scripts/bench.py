@@ -930,9 +930,10 @@ UTILITY_RUNS = {
     # record_level_eps3 above is the "before".
     "record_level_eps3_tuned": ["client=opacus", "tuning=mnist_opacus_eps3"],
     # ScatterNet (fixed scattering features, GroupNorm, linear), without DP and with the
-    # epsilon-3 preset that picks it (conf/tuning/mnist_opacus_eps3_scatter.yaml).
+    # epsilon-3 preset (conf/tuning/mnist_opacus_eps3_scatter.yaml). The preset picks the
+    # model itself, but the workload's model=cnn28 would win over it, hence model= here.
     "non_private_scatternet": ["model=scatternet", "client.lr=0.003", "client.momentum=0.9", "client.local_epochs=2"],
-    "record_level_eps3_scatternet": ["client=opacus", "tuning=mnist_opacus_eps3_scatter"],
+    "record_level_eps3_scatternet": ["client=opacus", "tuning=mnist_opacus_eps3_scatter", "model=scatternet"],
     "client_level": ["client.lr=0.1", "client.local_epochs=2", "strategy=dp_fixed",
                      "strategy.noise_multiplier=1.0", "strategy.clipping_norm=0.5"],
 }
