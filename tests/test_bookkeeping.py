@@ -38,13 +38,7 @@ MODELS = {
 }
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """One intra-op thread, as in a ClientApp; results do not depend on it."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _batch(shape, size: int, *, seed: int, scale: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:

@@ -19,13 +19,7 @@ from fedpriv.privacy.bookkeeping import bookkeeping_unsupported
 MNIST = (1, 28, 28)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """One intra-op thread, as in a ClientApp."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
