@@ -6,6 +6,7 @@ Apart from the backend so that a worker imports only what a ClientApp needs
 
 from __future__ import annotations
 
+import logging
 import os
 import signal
 import sys
@@ -37,15 +38,19 @@ def load_client_app(reference: str) -> ClientApp:
     return app
 
 
-def serve(connection, *, client_app: str, threads: int, gpus: Sequence[int] | None) -> None:
+def serve(connection, *, client_app: str, threads: int, gpus: Sequence[int] | None, verbose: bool = False) -> None:
     """A worker process's life: load the app, answer ``(message, context)`` jobs until ``None``, exit.
 
     Sends ``("ready", pid)`` once the app is loaded (``("load-error", text)``
     if it cannot be), then for each job ``("ok", reply, context)`` or
-    ``("raised", text)`` when the ClientApp raised.
+    ``("raised", text)`` when the ClientApp raised. Unless ``verbose``, the
+    clients' log lines below WARNING stay off the console, as Ray keeps its
+    actors' output from the driver unless ``mode.verbose``.
     """
     # Ctrl-C reaches the whole process group: the driver stops the workers itself.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    if not verbose:
+        logging.getLogger("flwr").setLevel(logging.WARNING)
     if gpus is not None:
         # Before anything initializes CUDA, as Ray sets it for an actor.
         ids = ",".join(str(gpu) for gpu in gpus)

@@ -193,6 +193,7 @@ class SimulationMode:
                 size=self.worker_count(),
                 client_num_cpus=self.client_num_cpus,
                 client_num_gpus=self.client_num_gpus,
+                verbose=self.verbose,
             )
             pool.start()
         try:

@@ -119,6 +119,8 @@ class WorkerPool:
         Cores per client: each worker runs ``max(1, int(client_num_cpus))`` torch threads.
     client_num_gpus : float
         GPUs per client: worker ``i`` sees ``gpu_assignment(i)`` (none when 0).
+    verbose : bool
+        Show the clients' log lines below WARNING on the console too.
 
     Raises
     ------
@@ -126,7 +128,15 @@ class WorkerPool:
         When ``client_app`` is not ``module:attribute`` or ``size`` is below 1.
     """
 
-    def __init__(self, *, client_app: str, size: int, client_num_cpus: float = 1.0, client_num_gpus: float = 0.0) -> None:
+    def __init__(
+        self,
+        *,
+        client_app: str,
+        size: int,
+        client_num_cpus: float = 1.0,
+        client_num_gpus: float = 0.0,
+        verbose: bool = False,
+    ) -> None:
         if ":" not in str(client_app):
             raise ValueError(f"client_app={client_app!r}: must be 'module:attribute'")
         if size < 1:
@@ -135,6 +145,7 @@ class WorkerPool:
         self.size = int(size)
         self.client_num_cpus = float(client_num_cpus)
         self.client_num_gpus = float(client_num_gpus)
+        self.verbose = bool(verbose)
         self._context = multiprocessing.get_context("spawn")
         self._workers: dict[int, _Worker] = {}
         self._idle: queue.SimpleQueue[_Worker] = queue.SimpleQueue()
@@ -233,7 +244,12 @@ class WorkerPool:
         process = self._context.Process(
             target=serve,
             args=(child_end,),
-            kwargs={"client_app": self.client_app, "threads": max(1, int(self.client_num_cpus)), "gpus": gpus},
+            kwargs={
+                "client_app": self.client_app,
+                "threads": max(1, int(self.client_num_cpus)),
+                "gpus": gpus,
+                "verbose": self.verbose,
+            },
             name=f"fedpriv-client-worker-{number}",
             daemon=True,
         )

@@ -2,7 +2,8 @@
 
 The ClientApp does what each message's ``action`` asks: ``echo`` replies with
 facts about the worker process that ran it, ``raise`` raises, ``exit`` ends the
-process the way an out-of-memory kill would. The ServerApp sends one message
+process the way an out-of-memory kill would, ``log`` logs an INFO and a WARNING
+line and echoes. The ServerApp sends one message
 to every node once all ``nodes`` have registered (``raise`` to the node indices
 listed in ``fail``), twice, and writes what came back to ``run_config["out"]``.
 """
@@ -19,7 +20,9 @@ from flwr.clientapp import ClientApp
 from flwr.serverapp import Grid, ServerApp
 
 from fedpriv.devices import ASSIGNED_GPUS_ENV
+from fedpriv.logs import get_logger
 
+logger = get_logger(__name__)
 client = ClientApp()
 server = ServerApp()
 not_an_app = object()
@@ -33,6 +36,9 @@ def train(msg: Message, context: Context) -> Message:
         raise RuntimeError("asked to fail")
     if action == "exit":
         os._exit(3)
+    if action == "log":
+        logger.info("an info line from the client")
+        logger.warning("a warning from the client")
     answered = int(context.state.config_records.get("seen", ConfigRecord({"count": 0}))["count"]) + 1
     context.state["seen"] = ConfigRecord({"count": answered})
     facts = ConfigRecord(

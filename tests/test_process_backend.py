@@ -191,6 +191,23 @@ def test_an_app_the_workers_cannot_load_fails_the_build():
     wrong.terminate()
 
 
+@pytest.mark.parametrize("verbose", [False, True])
+def test_workers_show_client_warnings_and_their_info_lines_only_when_verbose(verbose, capfd):
+    # Prepare: the workers write to this process's stderr, which capfd reads
+    pool = WorkerPool(client_app=CLIENT_APP, size=1, verbose=verbose)
+    pool.wait_ready()
+    capfd.readouterr()
+
+    # Execute
+    pool.run(*job("log"))
+    pool.terminate()
+    printed = capfd.readouterr().err
+
+    # Assert
+    assert "a warning from the client" in printed
+    assert ("an info line from the client" in printed) is verbose
+
+
 def test_a_pool_started_early_is_the_one_the_backend_uses_and_is_built_once():
     # Prepare: a pool whose workers load the app before any backend exists
     pool = WorkerPool(client_app=CLIENT_APP, size=1)
