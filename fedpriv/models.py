@@ -110,13 +110,13 @@ found better under DP-SGD: its bounded outputs keep gradients from exploding bef
 clipping."""
 
 
-def _conv_block(in_channels: int, out_channels: int, *, groups: int, activation: str) -> nn.Sequential:
+def _conv_block(in_channels: int, out_channels: int, *, groups: int, activation: str, pool: bool = True) -> nn.Sequential:
     # GroupNorm instead of BatchNorm: per-example gradients stay independent (Opacus).
     return nn.Sequential(
         nn.Conv2d(in_channels, out_channels, kernel_size=3, padding=1),
         nn.GroupNorm(min(groups, out_channels), out_channels),
         ACTIVATIONS[activation](),
-        nn.MaxPool2d(2),
+        *([nn.MaxPool2d(2)] if pool else []),
     )
 
 
@@ -512,11 +512,7 @@ class ScatterNet(nn.Module):
         check_int("model.cnn_groups", cnn_groups, minimum=1, maximum=MAX_WIDTH)
         self.features = nn.Sequential(
             *(
-                nn.Sequential(
-                    nn.Conv2d(c_in, c_out, kernel_size=3, padding=1),
-                    nn.GroupNorm(min(cnn_groups, c_out), c_out),
-                    ACTIVATIONS[activation](),
-                )
+                _conv_block(c_in, c_out, groups=cnn_groups, activation=activation, pool=False)
                 for c_in, c_out in zip(widths[:-1], widths[1:], strict=True)
             )
         )

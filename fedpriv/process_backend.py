@@ -14,14 +14,13 @@ node contexts, the ServerApp and its grid) is Flower's engine, unchanged.
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable
 
 from flwr.app import Context, Message
 from flwr.clientapp.client_app import ClientApp
 from flwr.server.superlink.fleet.vce.backend import Backend, BackendConfig
 
-from fedpriv.worker_pool import WorkerPool, pool_size, visible_gpus
+from fedpriv.worker_pool import WorkerPool, machine_pool_size
 
 CONFIG_KEY = "process"
 """The backend config section of this backend: ``{"client_app": "module:attribute"}``."""
@@ -38,7 +37,8 @@ class ProcessBackend(Backend):
         ClientApp's ``module:attribute``, loaded by each worker).
     pool : WorkerPool, optional
         A pool already started (its workers load the app while the engine
-        starts); by default one sized for this machine (:func:`pool_size`).
+        starts); by default one sized for this machine
+        (:func:`~fedpriv.worker_pool.machine_pool_size`).
     cpus, gpus : int, optional
         The machine's cores and visible GPUs for the default pool (default:
         what this process sees).
@@ -66,9 +66,7 @@ class ProcessBackend(Backend):
             resources = backend_config.get("client_resources") or {}
             num_cpus = float(resources.get("num_cpus", 1.0))
             num_gpus = float(resources.get("num_gpus", 0.0))
-            if gpus is None:
-                gpus = visible_gpus() if num_gpus > 0 else 0
-            size = pool_size(cpus=cpus or os.cpu_count() or 1, client_num_cpus=num_cpus, gpus=gpus, client_num_gpus=num_gpus)
+            size = machine_pool_size(client_num_cpus=num_cpus, client_num_gpus=num_gpus, cpus=cpus, gpus=gpus)
             pool = WorkerPool(client_app=client_app, size=size, client_num_cpus=num_cpus, client_num_gpus=num_gpus)
         self.pool = pool
 

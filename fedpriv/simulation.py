@@ -164,14 +164,9 @@ class SimulationMode:
             When one client's ``client_num_cpus`` or ``client_num_gpus`` is more
             than this machine has.
         """
-        from fedpriv.worker_pool import pool_size, visible_gpus
+        from fedpriv.worker_pool import machine_pool_size
 
-        return pool_size(
-            cpus=os.cpu_count() or 1,
-            client_num_cpus=self.client_num_cpus,
-            gpus=visible_gpus() if self.client_num_gpus > 0 else 0,
-            client_num_gpus=self.client_num_gpus,
-        )
+        return machine_pool_size(client_num_cpus=self.client_num_cpus, client_num_gpus=self.client_num_gpus)
 
     def run(self, *, run_config: dict[str, Scalar], num_supernodes: int) -> None:
         """Run the app with ``run_config`` on ``num_supernodes`` simulated nodes.

@@ -63,6 +63,20 @@ def pool_size(*, cpus: int, client_num_cpus: float, gpus: int = 0, client_num_gp
     return size
 
 
+def machine_pool_size(
+    *, client_num_cpus: float, client_num_gpus: float = 0.0, cpus: int | None = None, gpus: int | None = None
+) -> int:
+    """:func:`pool_size` on this machine: its cores and, when clients ask for GPUs, its visible GPUs.
+
+    ``cpus`` and ``gpus`` stand in for what this process sees (tests).
+    """
+    if gpus is None:
+        gpus = visible_gpus() if client_num_gpus > 0 else 0
+    return pool_size(
+        cpus=cpus or os.cpu_count() or 1, client_num_cpus=client_num_cpus, gpus=gpus, client_num_gpus=client_num_gpus
+    )
+
+
 def gpu_assignment(worker: int, *, client_num_gpus: float) -> tuple[int, ...]:
     """The GPU ids worker number ``worker`` (from 0) runs on.
 
