@@ -11,7 +11,7 @@ import os
 import signal
 import sys
 import traceback
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 from flwr.clientapp.client_app import ClientApp, LoadClientAppError
 
@@ -38,8 +38,20 @@ def load_client_app(reference: str) -> ClientApp:
     return app
 
 
-def serve(connection, *, client_app: str, threads: int, gpus: Sequence[int] | None, verbose: bool = False) -> None:
+def serve(
+    connection,
+    *,
+    client_app: str,
+    threads: int,
+    gpus: Sequence[int] | None,
+    verbose: bool = False,
+    stdio: tuple[int, int] | None = None,
+    environ: Mapping[str, str] | None = None,
+) -> None:
     """A worker process's life: load the app, answer ``(message, context)`` jobs until ``None``, exit.
+
+    ``stdio`` (the driver's stdout and stderr, duplicated) and ``environ``
+    (the driver's environment) replace the ones the worker was forked with.
 
     Sends ``("ready", pid)`` once the app is loaded (``("load-error", text)``
     if it cannot be), then for each job ``("ok", reply, context)`` or
@@ -49,6 +61,15 @@ def serve(connection, *, client_app: str, threads: int, gpus: Sequence[int] | No
     """
     # Ctrl-C reaches the whole process group: the driver stops the workers itself.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    if stdio is not None:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        for driver_fd, own_fd in zip(stdio, (1, 2), strict=True):
+            os.dup2(driver_fd, own_fd)
+            os.close(driver_fd)
+    if environ is not None:
+        os.environ.clear()
+        os.environ.update(environ)
     if not verbose:
         logging.getLogger("flwr").setLevel(logging.WARNING)
     if gpus is not None:

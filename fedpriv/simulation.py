@@ -9,14 +9,16 @@ pool of worker processes of this one; ``mode.backend=ray`` is Flower's Ray
 backend, for GPUs shared by Ray's scheduler and for Ray clusters. Flower 1.42's
 engine builds its Ray backend by name whatever backend it is asked for
 (``start_vce`` imports ``RayBackend`` when it starts), so for the process
-backend :func:`engine_backend` puts a maker of ``ProcessBackend`` under that
+backend :func:`~fedpriv.flower_engine.engine_backend` puts a maker of ``ProcessBackend`` under that
 name for the duration of the run (in a stand-in module, so that Ray is not
 imported either) and restores it after. The public ``run_simulation`` wrapper is
 deprecated in Flower 1.42, and ``flwr run`` only accepts run-config keys that
 the app's ``pyproject.toml`` already declares, while a config group (say
 ``strategy=dp_fixed``) brings keys of its own. So the composed run config is
 written as the defaults of a staged copy of the app metadata, and both apps
-read it from ``context.run_config`` like any Flower app.
+read it from ``context.run_config`` like any Flower app. Flower's engine reads
+that file again for every simulated node; :func:`~fedpriv.flower_engine.app_config_read_once`
+has it read once per run.
 
 With ``mode.ray_address`` the simulation joins a running Ray cluster instead
 of starting Ray on this machine: Flower's Ray backend hands its ``init_args``
@@ -26,13 +28,9 @@ client actors from the resources of every node of the cluster.
 
 from __future__ import annotations
 
-import contextlib
 import os
 import re
-import sys
 import tempfile
-import types
-from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import ClassVar
 from pathlib import Path
@@ -40,6 +38,7 @@ from pathlib import Path
 import tomli_w
 
 from fedpriv.checks import check_bool, check_real
+from fedpriv.flower_engine import app_config_read_once, engine_backend, engine_stops_promptly
 from fedpriv.logs import get_logger
 from fedpriv.run_config import Scalar
 
@@ -223,6 +222,8 @@ class SimulationMode:
         with (
             tempfile.TemporaryDirectory(prefix="fedpriv-app-") as app_dir,
             engine_backend(make_backend),
+            app_config_read_once(),
+            engine_stops_promptly(),
         ):
             stage_app(run_config, Path(app_dir), server_app=self.server_app, client_app=self.client_app)
             context = Context(run_id=0, node_id=0, node_config={}, state=RecordDict(), run_config=dict(run_config))
@@ -238,43 +239,6 @@ class SimulationMode:
                 is_app=True,
                 verbose_logging=self.verbose,
             )
-
-
-@contextlib.contextmanager
-def engine_backend(make_backend: Callable[[dict], object] | None) -> Iterator[None]:
-    """Make Flower's simulation engine build its backend with ``make_backend`` while inside.
-
-    ``make_backend`` takes Flower's backend config and returns a
-    :class:`~flwr.server.superlink.fleet.vce.backend.Backend`; ``None`` keeps
-    Flower's Ray backend. Flower 1.42's ``start_vce`` has one backend and
-    looks it up as ``RayBackend`` in
-    ``flwr.server.superlink.fleet.vce.backend.raybackend`` when it builds it.
-    Where that module is not imported yet, a stand-in module holding
-    ``make_backend`` under that name takes its place, so Ray is never
-    imported; otherwise the name is bound in the real module. Both are undone
-    on the way out, whatever happens inside.
-    """
-    if make_backend is None:
-        yield
-        return
-    name = "flwr.server.superlink.fleet.vce.backend.raybackend"
-    module = sys.modules.get(name)
-    if module is None:
-        stand_in = types.ModuleType(name, "fedpriv's stand-in: the simulation engine's backend")
-        stand_in.RayBackend = make_backend
-        sys.modules[name] = stand_in
-        try:
-            yield
-        finally:
-            if sys.modules.get(name) is stand_in:
-                del sys.modules[name]
-        return
-    original = module.RayBackend
-    module.RayBackend = make_backend
-    try:
-        yield
-    finally:
-        module.RayBackend = original
 
 
 def _valid_ray_address(address: object) -> bool:

@@ -379,9 +379,11 @@ def compute_floor(overrides: list[str], *, workers: int = 1) -> dict[str, Any]:
     start = time.perf_counter()
     with _floor_pool(overrides, workers=workers) as pool:
         if pool is not None:
-            # Spawns every worker now, so that they start (and load the clients) while this
-            # process sets up, as the simulation starts its worker pool before its engine.
-            pool.submit(int)
+            # Starts every worker now, so that they start (and load the clients) while this
+            # process sets up, as the simulation starts its worker pool before its engine;
+            # from a thread, as the simulation does, since a fork server's first fork
+            # waits for its imports.
+            threading.Thread(target=pool.submit, args=(int,), daemon=True).start()
         experiment = load_experiment(compose_config(overrides))
         settings = experiment.settings
         if experiment.strategy_config.get("fraction_train", 1.0) != 1.0:
@@ -389,6 +391,8 @@ def compute_floor(overrides: list[str], *, workers: int = 1) -> dict[str, Any]:
         splits = experiment.dataset.load()
         torch.manual_seed(settings.seed)
         model = experiment.build_model()
+        # The simulation's server evaluates the initial model before round 1 too.
+        evaluate(model, splits.test_x, splits.test_y)
         setup = time.perf_counter() - start
         round_seconds, accuracy = [], None
         for server_round in range(1, settings.num_rounds + 1):
@@ -427,12 +431,17 @@ def _floor_pool(overrides: list[str], *, workers: int):
     import multiprocessing
     from concurrent.futures import ProcessPoolExecutor
 
+    from fedpriv.simulation import CLIENT_APP
+
     if workers == 1:
         _floor_clients(overrides)
         return contextlib.nullcontext()
+    # As the simulation's worker pool: workers forked from a server that has imported
+    # the ClientApp's module once.
+    context = multiprocessing.get_context("forkserver")
+    context.set_forkserver_preload([CLIENT_APP.partition(":")[0]])
     return ProcessPoolExecutor(
-        max_workers=workers, mp_context=multiprocessing.get_context("spawn"),
-        initializer=_floor_clients, initargs=(overrides,),
+        max_workers=workers, mp_context=context, initializer=_floor_clients, initargs=(overrides,),
     )
 
 

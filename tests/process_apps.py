@@ -1,7 +1,7 @@
 """Tiny Flower apps for the process backend's tests (``tests/test_process_backend.py``).
 
 The ClientApp does what each message's ``action`` asks: ``echo`` replies with
-facts about the worker process that ran it, ``raise`` raises, ``exit`` ends the
+facts about the worker process that ran it (its environment's :data:`MARK_ENV` too), ``raise`` raises, ``exit`` ends the
 process the way an out-of-memory kill would, ``log`` logs an INFO and a WARNING
 line and echoes. The ServerApp sends one message
 to every node once all ``nodes`` have registered (``raise`` to the node indices
@@ -21,6 +21,9 @@ from flwr.serverapp import Grid, ServerApp
 
 from fedpriv.devices import ASSIGNED_GPUS_ENV
 from fedpriv.logs import get_logger
+
+MARK_ENV = "FEDPRIV_TEST_MARK"
+"""An environment variable the tests set, which ``echo`` reports."""
 
 logger = get_logger(__name__)
 client = ClientApp()
@@ -46,6 +49,7 @@ def train(msg: Message, context: Context) -> Message:
             "pid": os.getpid(),
             "threads": torch.get_num_threads(),
             "gpus": os.environ.get(ASSIGNED_GPUS_ENV, ""),
+            "mark": os.environ.get(MARK_ENV, ""),
             "answered": answered,
             "partition": int(context.node_config["partition-id"]),
         }

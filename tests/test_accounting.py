@@ -2,11 +2,13 @@
 
 import copy
 import math
+import subprocess
+import sys
 
 import dp_accounting
 import numpy as np
 import pytest
-from conftest import pld_epsilon
+from conftest import REPO, pld_epsilon
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from opacus.accountants import RDPAccountant
@@ -433,3 +435,22 @@ def test_cached_rdp_gives_opacus_epsilon_bit_for_bit(accountant, history):
 
     # Assert
     assert first == second == expected
+
+
+def test_the_strategies_and_clients_import_opacus_only_when_an_epsilon_is_asked_for():
+    # Prepare: a fresh interpreter, as a run's server and workers are
+    code = (
+        "import sys; import strategies.server_app, clients.client_app; "
+        "before = 'opacus' in sys.modules; "
+        "from fedpriv.privacy.accounting import compute_epsilon; "
+        "compute_epsilon([(1.0, 0.01, 10)], delta=1e-5); "
+        "print(before, 'opacus' in sys.modules)"
+    )
+
+    # Execute
+    printed = subprocess.run(
+        [sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True
+    ).stdout.split()
+
+    # Assert: a run without DP never pays Opacus' import
+    assert printed == ["False", "True"]

@@ -15,7 +15,8 @@ from hypothesis import strategies as st
 
 from fedpriv.process_backend import CONFIG_KEY, ProcessBackend
 from fedpriv.worker_pool import WorkerPool, gpu_assignment, pool_size
-from fedpriv.simulation import SimulationMode, engine_backend
+from fedpriv.flower_engine import app_config_read_once, engine_backend
+from fedpriv.simulation import SimulationMode, stage_app
 
 CLIENT_APP = "process_apps:client"
 
@@ -208,6 +209,25 @@ def test_workers_show_client_warnings_and_their_info_lines_only_when_verbose(ver
     assert ("an info line from the client" in printed) is verbose
 
 
+def test_workers_forked_after_the_environment_changed_see_it_as_spawned_ones_would(monkeypatch):
+    # Prepare: the fork server already runs, started before the change
+    from process_apps import MARK_ENV
+
+    before = WorkerPool(client_app=CLIENT_APP, size=1)
+    before.wait_ready()
+    before.terminate()
+    monkeypatch.setenv(MARK_ENV, "set after the fork server started")
+    pool = WorkerPool(client_app=CLIENT_APP, size=1)
+    pool.wait_ready()
+
+    # Execute
+    reply, _ = pool.run(*job("echo"))
+    pool.terminate()
+
+    # Assert
+    assert reply.content["facts"]["mark"] == "set after the fork server started"
+
+
 def test_a_pool_started_early_is_the_one_the_backend_uses_and_is_built_once():
     # Prepare: a pool whose workers load the app before any backend exists
     pool = WorkerPool(client_app=CLIENT_APP, size=1)
@@ -279,6 +299,31 @@ def test_flowers_backend_name_is_restored_after_the_run_even_when_it_fails(monke
     # Assert: what Flower's engine would import while inside, and Flower's own after
     assert seen == [make, make]
     assert raybackend.RayBackend is original
+
+
+def test_the_staged_run_config_is_read_once_per_run_and_flowers_reader_is_restored(tmp_path):
+    # Prepare: a staged app, and the name Flower's node registration calls
+    from flwr.compat.client import run_info_store
+
+    original = run_info_store.get_fused_config_from_dir
+    stage_app({"num-rounds": 3}, tmp_path)
+
+    # Execute: two nodes registered, the file changed, a third node, then the block fails
+    with pytest.raises(RuntimeError, match="inside"):
+        with app_config_read_once():
+            first = run_info_store.get_fused_config_from_dir(tmp_path, {})
+            second = run_info_store.get_fused_config_from_dir(tmp_path, {})
+            stage_app({"num-rounds": 9}, tmp_path)
+            third = run_info_store.get_fused_config_from_dir(tmp_path, {})
+            overridden = run_info_store.get_fused_config_from_dir(tmp_path, {"num-rounds": 5})
+            first["num-rounds"] = -1
+            raise RuntimeError("inside")
+
+    # Assert: one parse per folder and overrides, a fresh copy per node; Flower's own reader after
+    assert second == third == {"num-rounds": 3} and second is not third
+    assert overridden == {"num-rounds": 5}
+    assert run_info_store.get_fused_config_from_dir is original
+    assert original(tmp_path, {}) == {"num-rounds": 9}
 
 
 def test_the_process_backend_is_the_default_and_a_ray_address_needs_ray():

@@ -7,6 +7,10 @@ are pure: they take plain values, never mutate their inputs, and hand the
 arithmetic to Opacus' accountants (``"prv"``: Gopi et al. 2021, numerical
 composition of privacy loss random variables, a tight upper bound; ``"rdp"``:
 Mironov et al. 2019, Renyi DP, a looser upper bound).
+
+Opacus is imported on the first epsilon asked for, not with this module: the
+strategies import it, and a run without DP then never pays Opacus' import
+(about 1.5 s of CPU, its optimizers and SciPy's statistics included).
 """
 
 from __future__ import annotations
@@ -14,17 +18,17 @@ from __future__ import annotations
 import functools
 import math
 import warnings
+import types
 from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from fedpriv.checks import check_int, check_real, fail
 from fedpriv.opacus_logging import opacus_logging_contained
 
-with opacus_logging_contained():
-    from opacus.accountants import IAccountant, PRVAccountant, RDPAccountant, create_accountant
-    from opacus.accountants.analysis import rdp as rdp_analysis
-    from opacus.accountants.analysis.prv import Domain
+if TYPE_CHECKING:
+    from opacus.accountants import IAccountant
 
 HistoryEntry = tuple[float, float, int]
 """One run of identical releases: ``(noise_multiplier, sample_rate, steps)``."""
@@ -102,6 +106,45 @@ def _check_history(history: Sequence[HistoryEntry]) -> list[HistoryEntry]:
     return checked
 
 
+@functools.cache
+def _opacus() -> types.SimpleNamespace:
+    """The Opacus pieces this module uses, imported on first call."""
+    with opacus_logging_contained():
+        from opacus.accountants import PRVAccountant, RDPAccountant, create_accountant
+        from opacus.accountants.analysis import rdp as rdp_analysis
+        from opacus.accountants.analysis.prv import Domain
+
+    class CachedPRVAccountant(PRVAccountant):
+        """Opacus' PRV accountant whose domain bound uses :func:`_rdp_of_one_release`.
+
+        ``_get_domain`` repeats Opacus 1.6's ``PRVAccountant._get_domain`` and
+        ``compute_safe_domain_size`` operation for operation, so epsilons are
+        identical to Opacus' (a test checks equality); only the RDP vectors are
+        cached instead of recomputed.
+        """
+
+        def _get_domain(self, prvs, num_self_compositions, eps_error, delta_error) -> Domain:
+            total = sum(num_self_compositions)
+            history = [
+                (prv.noise_multiplier, prv.sample_rate, steps)
+                for prv, steps in zip(prvs, num_self_compositions, strict=True)
+            ]
+            bound = _rdp_epsilon(history, delta=delta_error / 4)
+            for noise_multiplier, sample_rate, _ in history:
+                single = [(noise_multiplier, sample_rate, 1)]
+                bound = max(bound, _rdp_epsilon(single, delta=delta_error / (8 * total)))
+            size = max(bound, eps_error) + 3
+            mesh_size = eps_error / np.sqrt(total * np.log(12 / delta_error) / 2)
+            return Domain.create_aligned(-size, size, mesh_size)
+
+    return types.SimpleNamespace(
+        rdp_analysis=rdp_analysis,
+        orders=RDPAccountant.DEFAULT_ALPHAS,
+        create_accountant=create_accountant,
+        CachedPRVAccountant=CachedPRVAccountant,
+    )
+
+
 @functools.lru_cache(maxsize=256)
 def _rdp_of_one_release(noise_multiplier: float, sample_rate: float) -> np.ndarray:
     """RDP of one Poisson-sampled Gaussian release at Opacus' default orders.
@@ -111,11 +154,12 @@ def _rdp_of_one_release(noise_multiplier: float, sample_rate: float) -> np.ndarr
     epsilon: that was 85% of a PRV ``get_epsilon``. Cached per process, so a
     client pays it once per run and a Ray actor once for all its clients.
     """
-    rdp = rdp_analysis.compute_rdp(
+    opacus = _opacus()
+    rdp = opacus.rdp_analysis.compute_rdp(
         q=sample_rate,
         noise_multiplier=noise_multiplier,
         steps=1,
-        orders=RDPAccountant.DEFAULT_ALPHAS,
+        orders=opacus.orders,
     )
     rdp.setflags(write=False)  # shared by every caller
     return rdp
@@ -130,34 +174,10 @@ def _rdp_epsilon(history: Sequence[HistoryEntry], *, delta: float) -> float:
         # largest order: the bound is then looser, never wrong, and the PRV
         # accountant only uses it to size its domain.
         warnings.filterwarnings("ignore", message="Optimal order is the largest alpha")
-        epsilon, _ = rdp_analysis.get_privacy_spent(
-            orders=RDPAccountant.DEFAULT_ALPHAS, rdp=rdp, delta=delta
+        epsilon, _ = _opacus().rdp_analysis.get_privacy_spent(
+            orders=_opacus().orders, rdp=rdp, delta=delta
         )
     return float(epsilon)
-
-
-class _CachedPRVAccountant(PRVAccountant):
-    """Opacus' PRV accountant whose domain bound uses :func:`_rdp_of_one_release`.
-
-    ``_get_domain`` repeats Opacus 1.6's ``PRVAccountant._get_domain`` and
-    ``compute_safe_domain_size`` operation for operation, so epsilons are
-    identical to Opacus' (a test checks equality); only the RDP vectors are
-    cached instead of recomputed.
-    """
-
-    def _get_domain(self, prvs, num_self_compositions, eps_error, delta_error) -> Domain:
-        total = sum(num_self_compositions)
-        history = [
-            (prv.noise_multiplier, prv.sample_rate, steps)
-            for prv, steps in zip(prvs, num_self_compositions, strict=True)
-        ]
-        bound = _rdp_epsilon(history, delta=delta_error / 4)
-        for noise_multiplier, sample_rate, _ in history:
-            single = [(noise_multiplier, sample_rate, 1)]
-            bound = max(bound, _rdp_epsilon(single, delta=delta_error / (8 * total)))
-        size = max(bound, eps_error) + 3
-        mesh_size = eps_error / np.sqrt(total * np.log(12 / delta_error) / 2)
-        return Domain.create_aligned(-size, size, mesh_size)
 
 
 def make_accountant(name: str) -> IAccountant:
@@ -178,7 +198,7 @@ def make_accountant(name: str) -> IAccountant:
     ValueError
         If ``name`` is not one of :data:`ACCOUNTANTS`.
     """
-    return create_accountant(mechanism=_check_accountant(name))
+    return _opacus().create_accountant(mechanism=_check_accountant(name))
 
 
 def record_steps(
@@ -263,7 +283,7 @@ def compute_epsilon(
     bound = _rdp_epsilon(counted, delta=delta)
     if bound > PRV_MAX_EPSILON:
         return bound
-    prv = _CachedPRVAccountant()
+    prv = _opacus().CachedPRVAccountant()
     prv.history = counted
     # Opacus' PRV takes log(1 - q), which is -inf when q == 1; that limit is
     # the intended one and the warning would only be noise.

@@ -31,8 +31,6 @@ import math
 from collections.abc import Sequence
 
 import numpy as np
-from dp_accounting.rdp import rdp_privacy_accountant
-from scipy.special import gammaln, logsumexp
 
 from fedpriv.checks import check_real, fail
 
@@ -107,6 +105,8 @@ def poisson_subsampled_rdp(orders: Sequence[int], base_rdp: Sequence[float], *, 
         return np.zeros_like(base)
     if q == 1:
         return base.copy()
+    from scipy.special import logsumexp  # here: SciPy's special functions take 0.2 s to import
+
     log_q, log_1q = math.log(q), math.log1p(-q)
     result = np.empty_like(base)
     for index, alpha in enumerate(alphas):
@@ -125,6 +125,8 @@ def poisson_subsampled_rdp(orders: Sequence[int], base_rdp: Sequence[float], *, 
 
 
 def _log_binomial(n: int, k: int) -> float:
+    from scipy.special import gammaln
+
     return float(gammaln(n + 1) - gammaln(k + 1) - gammaln(n - k + 1))
 
 
@@ -142,6 +144,10 @@ def skellam_epsilon(history: Sequence[HistoryEntry], *, delta: float) -> float:
     total = np.zeros(len(orders))
     for z, q, steps in counted:
         total += steps * poisson_subsampled_rdp(SKELLAM_ORDERS, orders / (2 * z**2), sample_rate=q)
+    # Imported here: dp_accounting takes about 0.7 s to import, and only a run
+    # with secure aggregation asks for a Skellam epsilon.
+    from dp_accounting.rdp import rdp_privacy_accountant
+
     epsilon, _ = rdp_privacy_accountant.compute_epsilon(orders, total, delta)
     return float(epsilon)
 
