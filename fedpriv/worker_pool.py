@@ -7,11 +7,12 @@ which answers with the reply and the node's updated context. It imports only
 what the workers need (``flwr.clientapp``), so a simulation can start it before
 it imports Flower's engine (:class:`~fedpriv.simulation.SimulationMode`).
 
-The workers are forked from multiprocessing's fork server, which imports the
-ClientApp's module (and torch with it) once for every worker of the process,
-where spawned workers would each import it again: 1.2 s of CPU per worker
-saved at the start of a run. Each worker then takes the driver's current
-stdout, stderr and environment, as a spawned one would have.
+The workers are forked from multiprocessing's fork server, which imports
+torch and Flower's ClientApp (:data:`FORK_SERVER_PRELOAD`) once for every
+worker of the process, where spawned workers would each import them again:
+about 1 s of CPU per worker saved at the start of a run. Each worker then
+takes the driver's current stdout, stderr and environment, as a spawned one
+would have, and imports the ClientApp's module itself.
 
 The pool is sized as Ray sizes its actor pool on one node (:func:`pool_size`):
 one worker per ``client_num_cpus`` cores, and per ``client_num_gpus`` of the
@@ -36,6 +37,13 @@ from flwr.clientapp.client_app import ClientAppException, LoadClientAppError
 
 from fedpriv.logs import get_logger
 from fedpriv.process_worker import serve
+
+FORK_SERVER_PRELOAD = ("torch", "fedpriv.process_worker")
+"""What the fork server imports once for every worker it forks: torch and Flower's ClientApp.
+
+Not the ClientApp's own module: one that touched CUDA as it was imported
+would leave every forked worker unable to use it.
+"""
 
 STOP_SECONDS = 10.0
 """How long :meth:`WorkerPool.terminate` waits for a worker before killing it."""
@@ -208,11 +216,8 @@ class WorkerPool:
             if self._started:
                 return
             self._started = True
-        # Each worker is forked from a server process that has imported the
-        # ClientApp's module (torch with it) once, instead of importing it
-        # itself: the workers of a run cost one import, not one each. Only
-        # before that server starts does the list count (once per process).
-        self._context.set_forkserver_preload([serve.__module__, self.client_app.partition(":")[0]])
+        # Only before the fork server starts does the list count (once per process).
+        self._context.set_forkserver_preload(list(FORK_SERVER_PRELOAD))
         # Starting a worker waits until the fork server has imported all that:
         # a thread waits, so that this one goes on with its own work meanwhile.
         self._starter = threading.Thread(target=self._start_all, name="fedpriv-worker-starter", daemon=True)

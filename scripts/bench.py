@@ -431,15 +431,15 @@ def _floor_pool(overrides: list[str], *, workers: int):
     import multiprocessing
     from concurrent.futures import ProcessPoolExecutor
 
-    from fedpriv.simulation import CLIENT_APP
+    from fedpriv.worker_pool import FORK_SERVER_PRELOAD
 
     if workers == 1:
         _floor_clients(overrides)
         return contextlib.nullcontext()
     # As the simulation's worker pool: workers forked from a server that has imported
-    # the ClientApp's module once.
+    # torch and Flower's ClientApp once.
     context = multiprocessing.get_context("forkserver")
-    context.set_forkserver_preload([CLIENT_APP.partition(":")[0]])
+    context.set_forkserver_preload(list(FORK_SERVER_PRELOAD))
     return ProcessPoolExecutor(
         max_workers=workers, mp_context=context, initializer=_floor_clients, initargs=(overrides,),
     )
