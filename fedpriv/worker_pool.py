@@ -241,7 +241,8 @@ class WorkerPool:
         self.start()
         self._starter.join()
         if self._start_error is not None:
-            raise LoadClientAppError(f"the worker pool could not start its workers: {self._start_error}") from self._start_error
+            error = self._start_error
+            raise LoadClientAppError(f"the worker pool could not start its workers: {error}") from error
         with self._lock:
             if self._ready:
                 return

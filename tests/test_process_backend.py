@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 
 from fedpriv.process_backend import CONFIG_KEY, ProcessBackend
 from fedpriv.worker_pool import WorkerPool, gpu_assignment, pool_size
-from fedpriv.flower_engine import app_config_read_once, engine_backend
+from fedpriv.flower_engine import ENGINE_POLL_SECONDS, app_config_read_once, engine_backend, engine_stops_promptly
 from fedpriv.simulation import SimulationMode, stage_app
 
 CLIENT_APP = "process_apps:client"
@@ -324,6 +324,52 @@ def test_the_staged_run_config_is_read_once_per_run_and_flowers_reader_is_restor
     assert overridden == {"num-rounds": 5}
     assert run_info_store.get_fused_config_from_dir is original
     assert original(tmp_path, {}) == {"num-rounds": 9}
+
+
+def test_a_worker_that_cannot_be_started_fails_wait_ready_with_the_reason(monkeypatch):
+    # Prepare: starting a process fails, as when the machine is out of processes
+    def refuse(self, number):
+        raise OSError("Resource temporarily unavailable")
+
+    monkeypatch.setattr(WorkerPool, "_start", refuse)
+    pool = WorkerPool(client_app=CLIENT_APP, size=2)
+
+    # Execute / Assert: the starter thread's error reaches the caller
+    with pytest.raises(LoadClientAppError, match="could not start its workers: Resource temporarily unavailable"):
+        pool.wait_ready()
+    pool.terminate()
+
+
+def test_the_engines_queues_wait_at_most_the_poll_interval_inside_the_block(monkeypatch):
+    # Prepare: record the timeout each wait is given
+    import queue
+
+    from flwr.server.superlink.fleet.vce import vce_api
+
+    waits = []
+    real_get = queue.Queue.get
+
+    def recording_get(self, block=True, timeout=None):
+        waits.append(timeout)
+        return real_get(self, block, timeout)
+
+    monkeypatch.setattr(queue.Queue, "get", recording_get)
+
+    # Execute: the engine's one-second waits, an item, and a wait that may not block
+    with engine_stops_promptly():
+        messages = vce_api.Queue()
+        with pytest.raises(queue.Empty):
+            messages.get(timeout=1.0)
+        messages.put("reply")
+        received = messages.get(timeout=1.0)
+        with pytest.raises(queue.Empty):
+            messages.get(block=False)
+    after = vce_api.Queue
+
+    # Assert: the same queue, waiting no longer than the interval; Flower's own after
+    assert received == "reply"
+    assert waits == [ENGINE_POLL_SECONDS, ENGINE_POLL_SECONDS, None]
+    assert after is queue.Queue
 
 
 def test_the_process_backend_is_the_default_and_a_ray_address_needs_ray():
