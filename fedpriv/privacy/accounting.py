@@ -17,8 +17,8 @@ from __future__ import annotations
 
 import functools
 import math
-import warnings
 import types
+import warnings
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING
 
@@ -174,9 +174,8 @@ def _rdp_epsilon(history: Sequence[HistoryEntry], *, delta: float) -> float:
         # largest order: the bound is then looser, never wrong, and the PRV
         # accountant only uses it to size its domain.
         warnings.filterwarnings("ignore", message="Optimal order is the largest alpha")
-        epsilon, _ = _opacus().rdp_analysis.get_privacy_spent(
-            orders=_opacus().orders, rdp=rdp, delta=delta
-        )
+        opacus = _opacus()
+        epsilon, _ = opacus.rdp_analysis.get_privacy_spent(orders=opacus.orders, rdp=rdp, delta=delta)
     return float(epsilon)
 
 
