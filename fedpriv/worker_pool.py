@@ -11,8 +11,8 @@ The workers are forked from multiprocessing's fork server, which imports
 torch and Flower's ClientApp (:data:`FORK_SERVER_PRELOAD`) once for every
 worker of the process, where spawned workers would each import them again:
 about 1 s of CPU per worker saved at the start of a run. Each worker then
-takes the driver's current stdout, stderr and environment, as a spawned one
-would have, and imports the ClientApp's module itself.
+takes the driver's stdout and stderr and its environment as :meth:`WorkerPool.start`
+found it, as a spawned one would have, and imports the ClientApp's module itself.
 
 The pool is sized as Ray sizes its actor pool on one node (:func:`pool_size`):
 one worker per ``client_num_cpus`` cores, and per ``client_num_gpus`` of the
@@ -200,6 +200,7 @@ class WorkerPool:
         self._stopping = threading.Event()
         self._started = False
         self._starter: threading.Thread | None = None
+        self._environ: dict[str, str] = {}
         self._start_error: BaseException | None = None
         self._ready = False
         self.replaced = 0
@@ -218,6 +219,9 @@ class WorkerPool:
             self._started = True
         # Only before the fork server starts does the list count (once per process).
         self._context.set_forkserver_preload(list(FORK_SERVER_PRELOAD))
+        # Taken here, in the caller's thread: the starter thread must not read
+        # os.environ while the caller goes on changing it.
+        self._environ = dict(os.environ)
         # Starting a worker waits until the fork server has imported all that:
         # a thread waits, so that this one goes on with its own work meanwhile.
         self._starter = threading.Thread(target=self._start_all, name="fedpriv-worker-starter", daemon=True)
@@ -316,9 +320,9 @@ class WorkerPool:
                 "gpus": gpus,
                 "verbose": self.verbose,
                 # A forked worker has the fork server's; a spawned one would have this
-                # process's as they are now, and so does this one.
+                # process's, and so does this one (the environment as :meth:`start` found it).
                 "stdio": (_DriverFd(1), _DriverFd(2)),
-                "environ": dict(os.environ),
+                "environ": self._environ,
             },
             name=f"fedpriv-client-worker-{number}",
             daemon=True,
