@@ -382,8 +382,9 @@ def compute_floor(overrides: list[str], *, workers: int = 1) -> dict[str, Any]:
             # Starts every worker now, so that they start (and load the clients) while this
             # process sets up, as the simulation starts its worker pool before its engine;
             # from a thread, as the simulation does, since a fork server's first fork
-            # waits for its imports.
-            threading.Thread(target=pool.submit, args=(int,), daemon=True).start()
+            # waits for its imports. The pool starts a worker per job submitted while none
+            # is idle, and a worker is busy loading the clients for seconds: one job each.
+            threading.Thread(target=_start_floor_workers, args=(pool, workers), daemon=True).start()
         experiment = load_experiment(compose_config(overrides))
         settings = experiment.settings
         if experiment.strategy_config.get("fraction_train", 1.0) != 1.0:
@@ -423,6 +424,12 @@ def _floor_clients(overrides: list[str]) -> tuple[Any, list]:
         data = [client_examples(experiment, partition_id=i, num_partitions=num_clients) for i in range(num_clients)]
         _FLOOR.update(overrides=overrides, experiment=experiment, data=data)
     return _FLOOR["experiment"], _FLOOR["data"]
+
+
+def _start_floor_workers(pool, workers: int) -> None:
+    """Have ``pool`` start its ``workers`` processes now: one no-op job each."""
+    for _ in range(workers):
+        pool.submit(int)
 
 
 def _floor_pool(overrides: list[str], *, workers: int):
